@@ -1,0 +1,15 @@
+"""Loads the compiled extension, whose static initialisers register the C++ schemas and kernels."""
+import torch  # first: _C links against libtorch/libc10, which importing torch loads
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "stssa_kernels: the compiled extension stssa_kernels._C is missing or does not load "
+        f"({e}). Build it with `pip install -e . --no-build-isolation` (or `make build`) against "
+        "the torch you import."
+    ) from e
+
+BUILD_INFO = torch.ops.stssa._build_info()
+#: True when the CUDA kernels were compiled into the extension.
+HAS_CUDA_KERNELS = "cuda=1" in BUILD_INFO
