@@ -45,7 +45,7 @@ ctest: $(STAMP)
 	mkdir -p build
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython3_EXECUTABLE=$(abspath $(VPY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	  -DPython3_EXECUTABLE=$(abspath $(VPY)) -DTORCH_CUDA_ARCH_LIST=7.5 > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j $(MAX_JOBS)
 	cd build/cmake && ctest --output-on-failure
 

@@ -31,17 +31,23 @@ def _log(msg):
 def _find_cuda_home():
     """CUDA_HOME as set, else the toolkit that owns the nvcc on PATH, else /usr/local/cuda.
 
-    torch's guess (``which nvcc``/..) yields /usr/local on machines whose nvcc is a symlink in
-    /usr/local/bin, where neither include/ nor lib64/ hold the CUDA runtime; resolve the link.
+    torch's guess (``which nvcc``/..) yields /usr/local on machines whose nvcc is a wrapper script in
+    /usr/local/bin, where neither include/ nor lib64/ hold the CUDA runtime: take the first candidate
+    that has both nvcc and the runtime headers.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             return os.environ[var]
+    candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:  # a wrapper script on PATH may live outside the toolkit: want its headers
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and (
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+                or glob.glob(os.path.join(home, "targets", "*", "include", "cuda_runtime.h"))):
+            return home
     return None
 
 
@@ -95,15 +101,16 @@ def _extensions():
     if not use_cuda:
         _log(f"building the CPU kernels only: {reason}")
         return [CppExtension("stssa_kernels._C", cpu_sources, include_dirs=include_dirs,
+                             define_macros=[("STSSA_PYTHON_MODULE", None)],
                              extra_compile_args={"cxx": cxx_flags})]
     archs = os.environ.get("STSSA_CUDA_ARCHS", DEFAULT_ARCHS)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
     _log(f"building CPU and CUDA kernels ({reason}); archs {archs}")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                  "-DSTSSA_WITH_CUDA", "--resource-usage" if os.environ.get("STSSA_NVCC_VERBOSE") else ""]
+                  "--resource-usage" if os.environ.get("STSSA_NVCC_VERBOSE") else ""]
     return [CUDAExtension("stssa_kernels._C", cpu_sources + cuda_sources,
                           include_dirs=include_dirs + _wheel_cuda_includes(),
-                          define_macros=[("STSSA_WITH_CUDA", None)],
+                          define_macros=[("STSSA_WITH_CUDA", None), ("STSSA_PYTHON_MODULE", None)],
                           extra_compile_args={"cxx": cxx_flags, "nvcc": [f for f in nvcc_flags if f]})]
 
 

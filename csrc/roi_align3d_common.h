@@ -30,6 +30,7 @@ template <typename T>
 struct RoiGeometry {
   T start_h, start_w;  // top-left corner, feature-map coordinates
   T bin_h, bin_w;      // bin size
+  T step_h, step_w;    // distance between neighbouring samples: bin / grid
   int grid_h, grid_w;  // bilinear samples per bin along each side
   T count;             // max(grid_h * grid_w, 1): the averaging divisor
 };
@@ -64,16 +65,20 @@ STSSA_HD RoiGeometry<T> roi_geometry(const T* box, T spatial_scale, int pooled_h
   g.bin_w = roi_w / static_cast<T>(pooled_w);
   g.grid_h = adaptive_grid(roi_h, pooled_h, sampling_ratio);
   g.grid_w = adaptive_grid(roi_w, pooled_w, sampling_ratio);
+  // One division per box instead of one per sample: in double precision a division is a subroutine
+  // call whose ABI made ptxas spill in the sample loops (seen in compile_check). Results differ from
+  // torchvision's (i + 0.5) * bin / grid by at most an ulp or two.
+  g.step_h = g.grid_h > 0 ? g.bin_h / static_cast<T>(g.grid_h) : T(0);
+  g.step_w = g.grid_w > 0 ? g.bin_w / static_cast<T>(g.grid_w) : T(0);
   const int n = g.grid_h * g.grid_w;
   g.count = static_cast<T>(n > 1 ? n : 1);
   return g;
 }
 
-// Coordinate of sample i (0 <= i < grid) of bin p, written exactly as torchvision does so that the
-// floating-point results match bit for bit in float64.
+// Coordinate of sample i (0 <= i < grid) of bin p.
 template <typename T>
-STSSA_HD T sample_coord(T start, T bin, int p, int i, int grid) {
-  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * bin / static_cast<T>(grid);
+STSSA_HD T sample_coord(T start, T bin, T step, int p, int i) {
+  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * step;
 }
 
 // One axis of a bilinear sample: the two neighbouring indices and their weights. A sample outside
@@ -114,11 +119,10 @@ STSSA_HD Axis<T> axis_weights(T c, int64_t size) {
 // -1 at the first pixel and to `size` at the last, where clamping maps samples onto the edge).
 // A superset is fine: callers recompute the exact weights. Returns false when the range is empty.
 template <typename T>
-STSSA_HD bool sample_range(T start, T bin, int grid, int pooled, int64_t pix, int64_t size,
+STSSA_HD bool sample_range(T start, T bin, T step, int grid, int pooled, int64_t pix, int64_t size,
                            int* first, int* last) {
   const int n = grid * pooled;
   if (n <= 0) return false;
-  const T step = bin / static_cast<T>(grid);
   const T lo = pix == 0 ? T(-1) : static_cast<T>(pix - 1);
   const T hi = pix == size - 1 ? static_cast<T>(size) : static_cast<T>(pix + 1);
   if (!(step > T(0))) {  // all samples of this axis sit at one coordinate

@@ -1,11 +1,12 @@
 // Every schema of the C++-implemented ops, in one place (torchvision's csrc/ops pattern).
 // Backends register kernels with TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; the fake (meta)
 // kernels and autograd formulas are registered from Python (stssa_kernels/ops/).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
+#ifdef STSSA_PYTHON_MODULE  // set by setup.py; the CMake build (C++ users) has no Python
+#include <Python.h>
 extern "C" {
 // `import stssa_kernels._C` loads this shared library, which runs the static registrations below.
 // The module itself exposes nothing: everything is reached through torch.ops.stssa.
@@ -14,6 +15,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace stssa {
 

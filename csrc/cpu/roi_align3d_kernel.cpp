@@ -1,15 +1,19 @@
 // RoIAlign3D, CPU kernels (TORCH_LIBRARY_IMPL(stssa, CPU)).
 //
-// Forward: out[k, c, t, ph, pw] = mean over the bin's sample grid of bilinear(input[n_k, c, t], sample),
-// the box of roi k taken from rois[k] (shared by all frames) or rois[k, t] (per-frame boxes).
-// The bilinear taps (4 offsets + 4 weights per sample) depend only on the box, so they are computed
-// once per (roi, frame-box) and reused for every channel -- and, for shared boxes, every frame.
-// Work is split over (roi, channel block) with at::parallel_for.
+// The bilinear weight of a sample factorises into a y part and an x part (and a sample outside the map
+// has a zero y or x part), so a bin's average over its sample grid is separable:
+//   out[k, c, t] = Ay_k (ph x h') . X[n_k, c, t, y0:y0+h', x0:x0+w'] . Ax_k^T (w' x pw) / count,
+// where Ay_k[p, y] sums the y weights of the samples of bin row p that land on pixel row y (and Ax_k the
+// same for columns), restricted to the rows/columns the box touches. The two small tables are computed
+// once per box and reused for every channel -- and for every frame when the box is shared -- and the
+// per-(channel, frame) work becomes two tiny dense products whose inner loop runs over contiguous x
+// (vectorised) instead of four gathers per sample.
+// Forward is split over (roi, channel block) with at::parallel_for.
 //
-// Backward: grad_input is partitioned over (batch, channel block); each task scatters the gradients of
-// all rois of its batch into its own slice of grad_input, so no two threads ever write the same
-// element (race-free without atomics, and deterministic). Accumulation is in float (double for
-// double inputs) and cast back at the end for reduced precision types.
+// Backward (the transpose, dX += Ay^T . dOut . Ax / count): grad_input is partitioned over (batch, channel
+// block); each task adds the gradients of all rois of its batch, in roi order, into its own slice of
+// grad_input, so no two threads write the same element (race-free without atomics, and deterministic).
+// Accumulation is in float (double for double inputs), cast back once for reduced precision types.
 //
 // Input strides are honoured (contiguous, channels_last_3d, slices): no copy of the feature map.
 #include <ATen/ATen.h>
@@ -18,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "roi_align3d_common.h"
@@ -25,52 +31,82 @@
 namespace stssa {
 namespace {
 
-using roi::RoiGeometry;
+constexpr int64_t kChannelBlock = 16;
 
-constexpr int64_t kChannelBlock = 32;
-
-// Bilinear taps of every sample of every bin of one box, bins in (ph, pw) order.
+// Summed weights of one axis: rows = output bins, columns = pixels lo .. lo + span - 1.
 template <typename acc_t>
-struct Taps {
-  std::vector<int64_t> off;  // 4 offsets (in elements, via the H/W strides) per sample
-  std::vector<acc_t> w;      // 4 weights per sample
-  std::vector<int32_t> bin_end;  // exclusive end index (in samples) of each bin
-  acc_t inv_count = acc_t(1);
+struct AxisTable {
+  int64_t lo = 0, span = 0;
+  std::vector<acc_t> w;  // pooled x span, row-major
 };
 
 template <typename acc_t>
-void compute_taps(const acc_t* box, acc_t spatial_scale, int ph_n, int pw_n, int sampling_ratio,
-                  bool aligned, int64_t H, int64_t W, int64_t sH, int64_t sW, Taps<acc_t>& taps) {
-  const RoiGeometry<acc_t> g =
-      roi::roi_geometry(box, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
-  taps.off.clear();
-  taps.w.clear();
-  taps.bin_end.assign(static_cast<size_t>(ph_n) * pw_n, 0);
-  taps.inv_count = acc_t(1) / g.count;
-  const bool finite = std::isfinite(static_cast<double>(g.start_h)) &&
-                      std::isfinite(static_cast<double>(g.start_w)) &&
-                      std::isfinite(static_cast<double>(g.bin_h)) && std::isfinite(static_cast<double>(g.bin_w));
-  int32_t n = 0;
-  for (int ph = 0; ph < ph_n; ++ph) {
-    for (int pw = 0; pw < pw_n; ++pw) {
-      if (finite) {
-        for (int iy = 0; iy < g.grid_h; ++iy) {
-          const auto ay = roi::axis_weights(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
-          for (int ix = 0; ix < g.grid_w; ++ix) {
-            const auto ax = roi::axis_weights(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
-            const acc_t w1 = ay.w_lo * ax.w_lo, w2 = ay.w_lo * ax.w_hi, w3 = ay.w_hi * ax.w_lo,
-                        w4 = ay.w_hi * ax.w_hi;
-            if (w1 == acc_t(0) && w2 == acc_t(0) && w3 == acc_t(0) && w4 == acc_t(0)) continue;
-            taps.off.insert(taps.off.end(), {ay.lo * sH + ax.lo * sW, ay.lo * sH + ax.hi * sW,
-                                             ay.hi * sH + ax.lo * sW, ay.hi * sH + ax.hi * sW});
-            taps.w.insert(taps.w.end(), {w1, w2, w3, w4});
-            ++n;
-          }
-        }
+void axis_table(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64_t size, AxisTable<acc_t>& tab) {
+  int64_t lo = size, hi = -1;
+  for (int p = 0; p < pooled; ++p)
+    for (int i = 0; i < grid; ++i) {
+      const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
+      if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;  // outside the map
+      lo = std::min(lo, a.lo);
+      hi = std::max(hi, a.hi);
+    }
+  tab.lo = hi >= lo ? lo : 0;
+  tab.span = hi >= lo ? hi - lo + 1 : 0;
+  tab.w.assign(static_cast<size_t>(pooled) * tab.span, acc_t(0));
+  if (tab.span == 0) return;
+  for (int p = 0; p < pooled; ++p)
+    for (int i = 0; i < grid; ++i) {
+      const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
+      if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;
+      tab.w[p * tab.span + (a.lo - tab.lo)] += a.w_lo;
+      tab.w[p * tab.span + (a.hi - tab.lo)] += a.w_hi;
+    }
+}
+
+template <typename acc_t>
+struct BoxTables {
+  AxisTable<acc_t> y, x;
+  acc_t inv_count = acc_t(1);
+  bool empty = true;  // no sample lands on the map: the output is 0
+};
+
+template <typename acc_t>
+void box_tables(const acc_t* box, acc_t spatial_scale, int ph_n, int pw_n, int sampling_ratio, bool aligned,
+                int64_t H, int64_t W, BoxTables<acc_t>& bt) {
+  const auto g = roi::roi_geometry(box, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
+  bt.inv_count = acc_t(1) / g.count;
+  axis_table(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, bt.y);
+  axis_table(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, bt.x);
+  bt.empty = bt.y.span == 0 || bt.x.span == 0;
+}
+
+// out[ph, pw] = sum_y sum_x Ay[ph, y] P[y, x] Ax[pw, x] * inv_count, P read through (sH, sW).
+template <typename scalar_t, typename acc_t, bool kUnitStrideW>
+void bin_product(const scalar_t* P, int64_t sH, int64_t sW, const BoxTables<acc_t>& bt, int ph_n, int pw_n,
+                 acc_t* tmp /* ph_n * span_x */, scalar_t* out) {
+  const int64_t hs = bt.y.span, ws = bt.x.span;
+  std::fill(tmp, tmp + ph_n * ws, acc_t(0));
+  for (int64_t y = 0; y < hs; ++y) {
+    const scalar_t* row = P + y * sH;
+    for (int ph = 0; ph < ph_n; ++ph) {
+      const acc_t a = bt.y.w[ph * hs + y];
+      if (a == acc_t(0)) continue;
+      acc_t* t = tmp + ph * ws;
+      if (kUnitStrideW) {
+        for (int64_t x = 0; x < ws; ++x) t[x] += a * static_cast<acc_t>(row[x]);
+      } else {
+        for (int64_t x = 0; x < ws; ++x) t[x] += a * static_cast<acc_t>(row[x * sW]);
       }
-      taps.bin_end[static_cast<size_t>(ph) * pw_n + pw] = n;
     }
   }
+  for (int ph = 0; ph < ph_n; ++ph)
+    for (int pw = 0; pw < pw_n; ++pw) {
+      const acc_t* t = tmp + ph * ws;
+      const acc_t* ax = bt.x.w.data() + pw * ws;
+      acc_t acc = 0;
+      for (int64_t x = 0; x < ws; ++x) acc += t[x] * ax[x];
+      out[ph * pw_n + pw] = static_cast<scalar_t>(acc * bt.inv_count);
+    }
 }
 
 template <typename scalar_t>
@@ -93,7 +129,8 @@ void forward_impl(const at::Tensor& input, const at::Tensor& rois, double spatia
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
   at::parallel_for(0, K * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Taps<acc_t>> taps(static_cast<size_t>(n_boxes));
+    std::vector<BoxTables<acc_t>> tables(static_cast<size_t>(n_boxes));
+    std::vector<acc_t> tmp(static_cast<size_t>(ph_n) * std::max<int64_t>(W, 1));
     int64_t cached_k = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / cblocks;
@@ -101,36 +138,30 @@ void forward_impl(const at::Tensor& input, const at::Tensor& rois, double spatia
       const int64_t c1 = std::min(C, c0 + kChannelBlock);
       const acc_t* r0 = rdata + k * n_boxes * 5;
       const acc_t bval = r0[0];
-      const bool valid_batch = bval >= acc_t(0) && bval < static_cast<acc_t>(N);
-      if (!valid_batch) {  // only reachable when the wrapper's value checks were skipped
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t i = 0; i < T * bins; ++i)
-            out[((k * C + c) * T) * bins + i] = static_cast<scalar_t>(nan);
+      if (!(bval >= acc_t(0) && bval < static_cast<acc_t>(N))) {  // only when the wrapper's checks were skipped
+        std::fill(out + (k * C + c0) * T * bins, out + (k * C + c1) * T * bins, static_cast<scalar_t>(nan));
         continue;
       }
       if (cached_k != k) {
         for (int64_t b = 0; b < n_boxes; ++b)
-          compute_taps<acc_t>(r0 + b * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n,
-                              sampling_ratio, aligned, H, W, sH, sW, taps[b]);
+          box_tables<acc_t>(r0 + b * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n, sampling_ratio,
+                            aligned, H, W, tables[b]);
         cached_k = k;
       }
       const int64_t n = static_cast<int64_t>(bval);
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t t = 0; t < T; ++t) {
-          const Taps<acc_t>& tp = taps[per_frame ? t : 0];
-          const scalar_t* plane = in + n * sN + c * sC + t * sT;
+          const BoxTables<acc_t>& bt = tables[per_frame ? t : 0];
           scalar_t* o = out + ((k * C + c) * T + t) * bins;
-          int32_t s = 0;
-          for (int64_t b = 0; b < bins; ++b) {
-            acc_t acc = 0;
-            for (; s < tp.bin_end[b]; ++s) {
-              const int64_t* off = &tp.off[4 * s];
-              const acc_t* w = &tp.w[4 * s];
-              acc += w[0] * static_cast<acc_t>(plane[off[0]]) + w[1] * static_cast<acc_t>(plane[off[1]]) +
-                     w[2] * static_cast<acc_t>(plane[off[2]]) + w[3] * static_cast<acc_t>(plane[off[3]]);
-            }
-            o[b] = static_cast<scalar_t>(acc * tp.inv_count);
+          if (bt.empty) {
+            std::fill(o, o + bins, scalar_t(0));
+            continue;
           }
+          const scalar_t* P = in + n * sN + c * sC + t * sT + bt.y.lo * sH + bt.x.lo * sW;
+          if (sW == 1)
+            bin_product<scalar_t, acc_t, true>(P, sH, sW, bt, ph_n, pw_n, tmp.data(), o);
+          else
+            bin_product<scalar_t, acc_t, false>(P, sH, sW, bt, ph_n, pw_n, tmp.data(), o);
         }
       }
     }
@@ -162,8 +193,8 @@ at::Tensor roi_align3d_forward_cpu(const at::Tensor& input, const at::Tensor& ro
 }
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int ph_n,
-                   int pw_n, int sampling_ratio, bool aligned, at::Tensor& grad_in /* acc dtype, contiguous */) {
+void backward_impl(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int ph_n, int pw_n,
+                   int sampling_ratio, bool aligned, at::Tensor& grad_in /* acc dtype, contiguous */) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = grad_in.size(0), C = grad_in.size(1), T = grad_in.size(2), H = grad_in.size(3),
                 W = grad_in.size(4);
@@ -177,40 +208,51 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& rois, double spatia
   acc_t* gi = grad_in.template data_ptr<acc_t>();
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
 
-  // rois of each batch element, in roi order (fixed summation order -> deterministic).
+  // rois of each batch element, in roi order (fixed summation order -> deterministic); tables once per roi.
   std::vector<std::vector<int64_t>> by_batch(static_cast<size_t>(N));
   for (int64_t k = 0; k < K; ++k) {
     const acc_t b = rdata[k * n_boxes * 5];
     if (b >= acc_t(0) && b < static_cast<acc_t>(N)) by_batch[static_cast<int64_t>(b)].push_back(k);
   }
+  std::vector<BoxTables<acc_t>> tables(static_cast<size_t>(K * n_boxes));
+  at::parallel_for(0, K * n_boxes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      box_tables<acc_t>(rdata + i * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n, sampling_ratio,
+                        aligned, H, W, tables[i]);
+  });
   const int64_t cblocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Taps<acc_t>> taps(static_cast<size_t>(n_boxes));
+    std::vector<acc_t> tmp(static_cast<size_t>(ph_n) * std::max<int64_t>(W, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / cblocks;
       const int64_t c0 = (task % cblocks) * kChannelBlock;
       const int64_t c1 = std::min(C, c0 + kChannelBlock);
       for (const int64_t k : by_batch[n]) {
-        const acc_t* r0 = rdata + k * n_boxes * 5;
-        // Offsets are computed for the contiguous [H, W] plane of grad_in.
-        for (int64_t b = 0; b < n_boxes; ++b)
-          compute_taps<acc_t>(r0 + b * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n,
-                              sampling_ratio, aligned, H, W, W, 1, taps[b]);
         for (int64_t c = c0; c < c1; ++c) {
           for (int64_t t = 0; t < T; ++t) {
-            const Taps<acc_t>& tp = taps[per_frame ? t : 0];
-            acc_t* plane = gi + ((n * C + c) * T + t) * H * W;
+            const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+            if (bt.empty) continue;
+            const int64_t hs = bt.y.span, ws = bt.x.span;
             const scalar_t* go = gd + ((k * C + c) * T + t) * bins;
-            int32_t s = 0;
-            for (int64_t b = 0; b < bins; ++b) {
-              const acc_t gv = static_cast<acc_t>(go[b]) * tp.inv_count;
-              for (; s < tp.bin_end[b]; ++s) {
-                const int64_t* off = &tp.off[4 * s];
-                const acc_t* w = &tp.w[4 * s];
-                plane[off[0]] += gv * w[0];
-                plane[off[1]] += gv * w[1];
-                plane[off[2]] += gv * w[2];
-                plane[off[3]] += gv * w[3];
+            // tmp[ph, x] = sum_pw dOut[ph, pw] Ax[pw, x] / count
+            std::fill(tmp.begin(), tmp.begin() + ph_n * ws, acc_t(0));
+            for (int ph = 0; ph < ph_n; ++ph)
+              for (int pw = 0; pw < pw_n; ++pw) {
+                const acc_t gv = static_cast<acc_t>(go[ph * pw_n + pw]) * bt.inv_count;
+                if (gv == acc_t(0)) continue;
+                const acc_t* ax = bt.x.w.data() + pw * ws;
+                acc_t* tr = tmp.data() + ph * ws;
+                for (int64_t x = 0; x < ws; ++x) tr[x] += gv * ax[x];
+              }
+            // dX[y, x] += sum_ph Ay[ph, y] tmp[ph, x]
+            acc_t* P = gi + ((n * C + c) * T + t) * H * W + bt.y.lo * W + bt.x.lo;
+            for (int64_t y = 0; y < hs; ++y) {
+              acc_t* row = P + y * W;
+              for (int ph = 0; ph < ph_n; ++ph) {
+                const acc_t a = bt.y.w[ph * hs + y];
+                if (a == acc_t(0)) continue;
+                const acc_t* tr = tmp.data() + ph * ws;
+                for (int64_t x = 0; x < ws; ++x) row[x] += a * tr[x];
               }
             }
           }

@@ -1,0 +1,131 @@
+"""Benchmark: stssa_kernels.roi_align3d vs torchvision compositions, forward / backward / both.
+
+    python benchmarks/roi_align3d.py [--device cuda|cpu] [--threads 2] [--repeats N] [--shapes ava,small]
+
+Baselines, all producing the same [K, C, T, 7, 7] tensor:
+  tv_fold  torchvision.ops.roi_align once, time folded into the batch (permute copy of the features);
+  tv_loop  torchvision.ops.roi_align once per frame.
+Shapes: AVA (N=8 clips, C=2048, T=8 and 16, 16x16 map, K=32 boxes, 7x7, spatial_scale 1/16) and a smaller
+one (N=4, C=512, T=8, 16x16, K=16). On GPU the forward is also reported against the memory floor: the unique
+input bytes under the boxes read once plus the output written once, at the device's peak bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_info, measure, print_table, write_results  # noqa: E402
+
+import stssa_kernels  # noqa: E402
+from stssa_kernels.reference.roi_align3d import roi_align3d_ref, roi_align3d_ref_loop  # noqa: E402
+
+SHAPES = {
+    "ava_t8": dict(N=8, C=2048, T=8, H=16, W=16, K=32),
+    "ava_t16": dict(N=8, C=2048, T=16, H=16, W=16, K=32),
+    "small": dict(N=4, C=512, T=8, H=16, W=16, K=16),
+}
+OUT, SCALE, SR, ALIGNED = 7, 1 / 16, -1, True
+
+
+def person_boxes(n, k, img, gen, device, dtype):
+    """Person-like boxes in a img x img frame: widths 15-60%, heights 30-90% of the frame."""
+    w = img * (0.15 + 0.45 * torch.rand(k, generator=gen))
+    h = img * (0.3 + 0.6 * torch.rand(k, generator=gen))
+    x1 = (img - w) * torch.rand(k, generator=gen)
+    y1 = (img - h) * torch.rand(k, generator=gen)
+    idx = torch.arange(k) % n
+    return torch.stack([idx.float(), x1, y1, x1 + w, y1 + h], 1).to(device, dtype)
+
+
+def floor_bytes(boxes, shape, elem):
+    """Unique input bytes under the boxes (+1 pixel for the bilinear neighbours) + output bytes."""
+    n, c, t, h, w = shape
+    mask = torch.zeros(n, h, w, dtype=torch.bool)
+    for b, x1, y1, x2, y2 in boxes.double().cpu().tolist():
+        xs, ys = x1 * SCALE - 0.5, y1 * SCALE - 0.5
+        xe, ye = x2 * SCALE - 0.5, y2 * SCALE - 0.5
+        mask[int(b), max(int(ys), 0):min(int(ye) + 2, h), max(int(xs), 0):min(int(xe) + 2, w)] = True
+    unique_in = int(mask.sum()) * c * t
+    out = boxes.shape[0] * c * t * OUT * OUT
+    return (unique_in + out) * elem
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        sys.exit("torchvision's CPU roi_align has no fp16/bf16 kernel: use --dtype fp32 on CPU")
+    info = device_info(device)
+    print(f"device: {info['name']}" + (f" ({info['threads']} threads)" if device.type == "cpu" else "")
+          + f", dtype {args.dtype}")
+    methods = {
+        "roi_align3d": lambda x, b: stssa_kernels.roi_align3d(x, b, OUT, SCALE, SR, ALIGNED),
+        "tv_fold": lambda x, b: roi_align3d_ref(x, b, OUT, SCALE, SR, ALIGNED),
+        "tv_loop": lambda x, b: roi_align3d_ref_loop(x, b, OUT, SCALE, SR, ALIGNED),
+    }
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for sname in args.shapes.split(","):
+        s = SHAPES[sname]
+        x = torch.randn(s["N"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
+        boxes = person_boxes(s["N"], s["K"], s["H"] / SCALE, gen, device, torch.float32)
+        g = torch.randn(s["K"], s["C"], s["T"], OUT, OUT, generator=gen).to(device, dtype)
+        xr = x.detach().requires_grad_()
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            results = {}
+            for name, f in methods.items():
+                if mode == "fwd":
+                    fn = lambda f=f: f(x, boxes)  # noqa: E731
+                elif mode == "bwd":
+                    out = f(xr, boxes)
+                    fn = lambda out=out: torch.autograd.grad(out, xr, g, retain_graph=True)  # noqa: E731
+                else:
+                    fn = lambda f=f: torch.autograd.grad(f(xr, boxes), xr, g)  # noqa: E731
+                results[name] = measure(fn, device, warmup=args.warmup, repeats=args.repeats)
+            best_base = min(("tv_fold", "tv_loop"), key=lambda k: results[k]["median_ms"])
+            ours = results["roi_align3d"]["median_ms"]
+            row = {"shape": sname, "mode": mode, **{k: v["median_ms"] for k, v in results.items()},
+                   "best_baseline": best_base, "speedup": results[best_base]["median_ms"] / ours}
+            if device.type == "cuda" and mode == "fwd" and "peak_gbps" in info:
+                fb = floor_bytes(boxes, x.shape, x.element_size())
+                row["floor_ms"] = fb / (info["peak_gbps"] * 1e9) * 1e3
+                row["floor_ratio"] = row["floor_ms"] / ours
+                row["gbps"] = fb / (ours * 1e-3) / 1e9
+            rows.append(row)
+            print(f"  {sname:8s} {mode:8s} ours {ours:9.3f} ms  {best_base} {results[best_base]['median_ms']:9.3f} ms"
+                  f"  speed-up x{row['speedup']:.2f}", flush=True)
+    cols = [("shape", "shape"), ("mode", "mode"), ("roi_align3d", "ours ms"), ("tv_fold", "tv_fold ms"),
+            ("tv_loop", "tv_loop ms"), ("speedup", "x best"), ("floor_ratio", "floor/ours")]
+    print()
+    print_table(rows, cols)
+    path = write_results("roi_align3d", device, {
+        "dtype": args.dtype, "output_size": OUT, "spatial_scale": SCALE, "sampling_ratio": SR, "aligned": ALIGNED,
+        "shapes": {k: SHAPES[k] for k in args.shapes.split(",")}, "repeats": args.repeats,
+        "dispatch": "CUDA kernel (atomic backward)" if device.type == "cuda" else "CPU kernel (at::parallel_for)",
+        "rows": rows})
+    print(f"\nwrote {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's target is 2)")
+    ap.add_argument("--shapes", default="small,ava_t8,ava_t16")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    args = ap.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.repeats = args.repeats or (5 if cpu else 50)
+    args.warmup = args.warmup or (1 if cpu else 5)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""RoIAlign3D against torchvision.ops.roi_align frame by frame (the specification), on CPU and CUDA.
+
+Tolerances follow the project rule: the kernel's error against a float64 reference may be at most twice
+the error of torchvision doing the same computation in the kernel's precision, plus a rounding floor.
+"""
+import math
+
+import pytest
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import stssa_kernels
+from stssa_kernels import RoIAlign3d, roi_align3d
+from stssa_kernels.reference import roi_align3d_ref
+from stssa_kernels.reference.roi_align3d import roi_align3d_ref_loop
+
+CUDA = torch.cuda.is_available() and stssa_kernels.HAS_CUDA_KERNELS
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA kernels")
+
+
+def make_boxes(k, n, h, w, scale, gen, per_frame_t=None, dtype=torch.float64, device="cpu"):
+    """Random boxes in image coordinates (feature size / scale), some crossing the border."""
+    img_h, img_w = h / scale, w / scale
+
+    def one(size):
+        x1 = torch.rand(size, generator=gen, dtype=torch.float64) * img_w * 1.1 - 0.1 * img_w
+        y1 = torch.rand(size, generator=gen, dtype=torch.float64) * img_h * 1.1 - 0.1 * img_h
+        bw = torch.rand(size, generator=gen, dtype=torch.float64) * img_w * 0.8
+        bh = torch.rand(size, generator=gen, dtype=torch.float64) * img_h * 0.8
+        return torch.stack([x1, y1, x1 + bw, y1 + bh], -1)
+
+    idx = torch.randint(0, n, (k,), generator=gen).to(torch.float64)
+    if per_frame_t is None:
+        boxes = torch.cat([idx[:, None], one((k,))], 1)
+    else:
+        boxes = torch.cat([idx[:, None, None].expand(k, per_frame_t, 1), one((k, per_frame_t))], 2)
+    return boxes.to(device=device, dtype=dtype)
+
+
+def err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(out, ref64, baseline, floor):
+    """err(out) <= 2 * err(baseline in the same precision) + floor."""
+    e, eb = err(out, ref64), err(baseline, ref64)
+    assert e <= 2 * eb + floor, f"kernel error {e:.3g} > 2 x baseline error {eb:.3g} + {floor:.1g}"
+
+
+SHAPES = [  # N, C, T, H, W, K
+    (1, 1, 1, 7, 7, 1),
+    (2, 3, 5, 9, 11, 7),
+    (3, 5, 4, 16, 13, 10),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2])
+@pytest.mark.parametrize("scale", [1.0, 1 / 16])
+def test_matches_torchvision_float64(shape, aligned, sampling_ratio, scale):
+    n, c, t, h, w, k = shape
+    gen = torch.Generator().manual_seed(hash((shape, aligned, sampling_ratio, scale)) % 2**31)
+    x = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(k, n, h, w, scale, gen)
+    out = roi_align3d(x, boxes, (3, 4), scale, sampling_ratio, aligned)
+    ref = roi_align3d_ref(x, boxes, (3, 4), scale, sampling_ratio, aligned)
+    assert out.shape == (k, c, t, 3, 4) and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_float32_error_rule(aligned, sampling_ratio):
+    gen = torch.Generator().manual_seed(1)
+    x64 = torch.randn(2, 6, 3, 15, 17, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(9, 2, 15, 17, 1 / 16, gen)
+    ref64 = roi_align3d_ref(x64, boxes, 7, 1 / 16, sampling_ratio, aligned)
+    x32, b32 = x64.float(), boxes.float()
+    out = roi_align3d(x32, b32, 7, 1 / 16, sampling_ratio, aligned)
+    base = roi_align3d_ref(x32, b32, 7, 1 / 16, sampling_ratio, aligned)
+    assert out.dtype == torch.float32
+    assert_within_rule(out, ref64, base, floor=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_accumulates_in_fp32(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 3, 12, 12, generator=gen).to(dtype)
+    boxes = make_boxes(5, 2, 12, 12, 1.0, gen)
+    ref64 = roi_align3d_ref(x.double(), boxes, 5, 1.0, -1, True)
+    out = roi_align3d(x, boxes, 5, 1.0, -1, True)
+    assert out.dtype == dtype
+    # PyTorch in this precision = the exact result rounded once to `dtype` (fp32 accumulation).
+    assert_within_rule(out, ref64, ref64.to(dtype), floor=torch.finfo(dtype).eps)
+
+
+def test_loop_and_fold_references_agree():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 10, 10, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(6, 2, 10, 10, 1.0, gen, per_frame_t=4)
+    torch.testing.assert_close(roi_align3d_ref(x, boxes, 3), roi_align3d_ref_loop(x, boxes, 3), rtol=0, atol=0)
+
+
+def _layouts(x):
+    yield "contiguous", x
+    yield "channels_last_3d", x.contiguous(memory_format=torch.channels_last_3d)
+    wide = torch.randn(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3], x.shape[4] + 3, dtype=x.dtype)
+    wide[:, ::2, :, :, 1:-2] = x
+    yield "strided slice", wide[:, ::2, :, :, 1:-2]
+    yield "permuted T/C", x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_layouts_read_in_place(per_frame):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 11, 9, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(7, 2, 11, 9, 1.0, gen, per_frame_t=3 if per_frame else None)
+    ref = roi_align3d_ref(x, boxes, (2, 3), 1.0, 2, True)
+    for name, xv in _layouts(x):
+        torch.testing.assert_close(roi_align3d(xv, boxes, (2, 3), 1.0, 2, True), ref, rtol=0, atol=1e-12, msg=name)
+        xg = xv.detach().requires_grad_()
+        roi_align3d(xg, boxes, (2, 3), 1.0, 2, True).pow(2).sum().backward()
+        xr = x.clone().requires_grad_()
+        roi_align3d_ref(xr, boxes, (2, 3), 1.0, 2, True).pow(2).sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=1e-12, msg=name)
+
+
+def test_per_frame_boxes_equal_torchvision_per_frame():
+    gen = torch.Generator().manual_seed(5)
+    n, c, t, h, w = 2, 3, 5, 13, 12
+    x = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(4, n, h, w, 0.5, gen, per_frame_t=t)
+    out = roi_align3d(x, boxes, 4, 0.5, -1, False)
+    for f in range(t):
+        expect = torchvision.ops.roi_align(x[:, :, f], boxes[:, f], 4, 0.5, -1, False)
+        torch.testing.assert_close(out[:, :, f], expect, rtol=0, atol=1e-12)
+
+
+def test_list_of_boxes_like_torchvision():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 2, 8, 8, dtype=torch.float64, generator=gen)
+    per_clip = [make_boxes(m, 1, 8, 8, 1.0, gen)[:, 1:] for m in (2, 0, 3)]
+    out = roi_align3d(x, per_clip, 2)
+    for f in range(2):
+        torch.testing.assert_close(out[:, :, f], torchvision.ops.roi_align(x[:, :, f], per_clip, 2), rtol=0, atol=1e-12)
+    assert roi_align3d(x, [], 2).shape == (0, 2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_gradcheck(per_frame, aligned):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 3, 6, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    boxes = make_boxes(4, 2, 6, 7, 1.0, gen, per_frame_t=3 if per_frame else None)
+    fn = lambda inp: roi_align3d(inp, boxes, (2, 3), 1.0, 2, aligned)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_backward_matches_torchvision_float32():
+    gen = torch.Generator().manual_seed(8)
+    x64 = torch.randn(2, 4, 3, 10, 10, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(8, 2, 10, 10, 1.0, gen)
+    g64 = torch.randn(8, 4, 3, 7, 7, dtype=torch.float64, generator=gen)
+
+    def grad_of(fn, x, b, g):
+        x = x.clone().requires_grad_()
+        fn(x, b, 7, 1.0, -1, True).backward(g)
+        return x.grad
+
+    ref = grad_of(roi_align3d_ref, x64, boxes, g64)
+    out = grad_of(roi_align3d, x64.float(), boxes.float(), g64.float())
+    base = grad_of(roi_align3d_ref, x64.float(), boxes.float(), g64.float())
+    assert_within_rule(out, ref, base, floor=1e-6)
+
+
+def test_deterministic_mode_cpu():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 2, 9, 9, generator=gen, requires_grad=True)
+    boxes = make_boxes(12, 2, 9, 9, 1.0, gen, dtype=torch.float32)
+    grads = []
+    for det in (False, True, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            x.grad = None
+            roi_align3d(x, boxes, 3, 1.0, 2, True).sum().backward()
+            grads.append(x.grad.clone())
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[1], grads[2]) and torch.equal(grads[0], grads[1])
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 2, 8, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    for boxes in (make_boxes(3, 2, 8, 9, 1.0, gen), make_boxes(3, 2, 8, 9, 1.0, gen, per_frame_t=2)):
+        torch.library.opcheck(torch.ops.stssa.roi_align3d.default, (x, boxes, 0.5, 3, 2, -1, True))
+    g = torch.randn(3, 3, 2, 3, 2, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(torch.ops.stssa._roi_align3d_backward.default,
+                          (g, make_boxes(3, 2, 8, 9, 1.0, gen), 0.5, 3, 2, 2, 3, 2, 8, 9, 2, False))
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 4, 10, 10, generator=gen, requires_grad=True)
+    boxes = make_boxes(5, 2, 10, 10, 1 / 16, gen, dtype=torch.float32)
+    mod = RoIAlign3d(7, 1 / 16, 2, True)
+
+    def f(inp, b):
+        return mod(inp, b).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, boxes)
+    (gc,) = torch.autograd.grad(out, x)
+    (ge,) = torch.autograd.grad(f(x, boxes), x)
+    torch.testing.assert_close(out, f(x, boxes))
+    torch.testing.assert_close(gc, ge)
+
+
+def test_autocast_cpu_bf16():
+    gen = torch.Generator().manual_seed(12)
+    conv = torch.nn.Conv3d(3, 4, 1)
+    x = torch.randn(2, 3, 2, 12, 12, generator=gen)
+    boxes = make_boxes(4, 2, 12, 12, 1.0, gen, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feat = conv(x)
+        out = roi_align3d(feat, boxes, 3, 1.0, 2, True)
+    assert feat.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    ref64 = roi_align3d_ref(feat.double(), boxes.double(), 3, 1.0, 2, True)
+    assert_within_rule(out, ref64, ref64.bfloat16(), floor=torch.finfo(torch.bfloat16).eps)
+
+
+def test_empty_inputs():
+    x = torch.randn(2, 3, 4, 5, 5, requires_grad=True)
+    out = roi_align3d(x, torch.zeros(0, 5), (2, 3))
+    assert out.shape == (0, 3, 4, 2, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert roi_align3d(torch.randn(2, 0, 4, 5, 5), torch.tensor([[0.0, 0, 0, 2, 2]]), 2).shape == (1, 0, 4, 2, 2)
+    assert roi_align3d(torch.randn(2, 3, 0, 5, 5), torch.tensor([[1.0, 0, 0, 2, 2]]), 2).shape == (1, 3, 0, 2, 2)
+    assert roi_align3d(torch.randn(0, 3, 2, 5, 5), torch.zeros(0, 5), 2).shape == (0, 3, 2, 2, 2)
+
+
+def test_zero_size_boxes_match_torchvision():
+    x = torch.randn(1, 2, 2, 6, 6, dtype=torch.float64)
+    boxes = torch.tensor([[0.0, 2.0, 3.0, 2.0, 3.0], [0.0, 1.0, 1.0, 4.0, 1.0]], dtype=torch.float64)
+    for aligned in (False, True):
+        torch.testing.assert_close(roi_align3d(x, boxes, 2, aligned=aligned),
+                                   roi_align3d_ref(x, boxes, 2, aligned=aligned), rtol=0, atol=1e-12)
+
+
+def test_64bit_offsets_cpu():
+    # channel stride 2^31: element offsets past int32 without allocating 8 GB (untouched pages are free).
+    c_stride = 2**31
+    storage = torch.empty(c_stride + 64, dtype=torch.float16)
+    view = storage.as_strided((1, 2, 1, 4, 4), (0, c_stride, 16, 4, 1))
+    vals = torch.randn(2, 1, 4, 4).half()
+    storage[:16].copy_(vals[0].flatten())
+    storage[c_stride:c_stride + 16].copy_(vals[1].flatten())
+    boxes = torch.tensor([[0.0, 0.3, 0.6, 3.1, 2.9]])
+    out = roi_align3d(view, boxes, 2, 1.0, 2, True)
+    ref = roi_align3d_ref(vals[None].double(), boxes.double(), 2, 1.0, 2, True)
+    assert_within_rule(out, ref, ref.half(), floor=1e-3)
+
+
+def test_module():
+    m = RoIAlign3d((7, 7), spatial_scale=1 / 16, sampling_ratio=0, aligned=True)
+    assert "output_size=(7, 7)" in repr(m)
+    x = torch.randn(1, 2, 3, 16, 16)
+    assert m(x, torch.tensor([[0.0, 10, 10, 100, 200]])).shape == (1, 2, 3, 7, 7)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+BOX = torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0]])
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda x: roi_align3d(x[0], BOX, 2), ValueError, r"input must be \[N, C, T, H, W\]"),
+    (lambda x: roi_align3d(x.long(), BOX, 2), TypeError, "input must be float"),
+    (lambda x: roi_align3d(x, BOX, 0), ValueError, "output_size must be positive"),
+    (lambda x: roi_align3d(x, BOX, (2, -1)), ValueError, "output_size must be positive"),
+    (lambda x: roi_align3d(x, BOX, "a"), ValueError, "output_size"),
+    (lambda x: roi_align3d(x, BOX[:, 1:], 2), ValueError, r"boxes must be \[K, 5\]"),
+    (lambda x: roi_align3d(x, BOX.long(), 2), TypeError, "boxes must be a floating-point"),
+    (lambda x: roi_align3d(x, torch.tensor([[2.0, 1, 1, 4, 4]]), 2), ValueError, r"batch index .* \[0, 2\)"),
+    (lambda x: roi_align3d(x, torch.tensor([[-1.0, 1, 1, 4, 4]]), 2), ValueError, "batch index"),
+    (lambda x: roi_align3d(x, torch.tensor([[0.5, 1, 1, 4, 4]]), 2), ValueError, "batch index"),
+    (lambda x: roi_align3d(x, torch.tensor([[0.0, 1, float("nan"), 4, 4]]), 2), ValueError, "NaN or infinite"),
+    (lambda x: roi_align3d(x, torch.tensor([[0.0, 1, 1, float("inf"), 4]]), 2), ValueError, "NaN or infinite"),
+    (lambda x: roi_align3d(x, torch.tensor([[0.0, 4, 1, 1, 4]]), 2), ValueError, "x2 >= x1"),
+    (lambda x: roi_align3d(x, torch.zeros(1, 4, 5), 2), ValueError, r"per-frame boxes must be \[K, T, 5\]"),
+    (lambda x: roi_align3d(x, torch.tensor([[[0.0, 1, 1, 2, 2], [1.0, 1, 1, 2, 2], [0.0, 1, 1, 2, 2]]]), 2),
+     ValueError, "same batch index on every frame"),
+    (lambda x: roi_align3d(x, [torch.zeros(2, 5)], 2), ValueError, r"boxes\[0\] must be a Tensor\[L, 4\]"),
+    (lambda x: roi_align3d(x, "boxes", 2), TypeError, "boxes must be a Tensor or a list"),
+    (lambda x: roi_align3d(x, torch.tensor([[0.0, 0, 0, 1e9, 1e9]]), 2), ValueError, "sampling_ratio > 0"),
+    (lambda x: roi_align3d(x, BOX, 2, spatial_scale=0.0), ValueError, "spatial_scale"),
+    (lambda x: roi_align3d(x, BOX, 2, sampling_ratio=1.5), TypeError, "sampling_ratio"),
+    (lambda x: roi_align3d(x[..., :0], BOX, 2), ValueError, "height and width must be positive"),
+    (lambda x: roi_align3d(x, BOX.to("meta"), 2), ValueError, "boxes is on meta"),
+])
+def test_bad_input(call, exc, match):
+    x = torch.randn(2, 2, 3, 6, 6)
+    with pytest.raises(exc, match=match):
+        call(x)
+
+
+def test_direct_op_call_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="rois must be"):
+        torch.ops.stssa.roi_align3d(torch.randn(1, 1, 2, 4, 4), torch.zeros(1, 4), 1.0, 2, 2, -1, False)
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        torch.ops.stssa.roi_align3d(torch.randn(1, 1, 2, 4, 4), torch.zeros(1, 5), 1.0, 0, 2, -1, False)
+
+
+def test_unchecked_bad_batch_index_gives_nan_not_garbage():
+    # What torch.compile'd code gets, where the wrapper's data-dependent checks are skipped.
+    out = torch.ops.stssa.roi_align3d(torch.randn(1, 2, 2, 4, 4), torch.tensor([[3.0, 0, 0, 2, 2]]), 1.0, 2, 2, -1, False)
+    assert torch.isnan(out).all()
+
+
+# --- property-based ---------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3), c=st.integers(1, 4), t=st.integers(1, 4), h=st.integers(1, 12), w=st.integers(1, 12),
+    k=st.integers(0, 6), ph=st.integers(1, 4), pw=st.integers(1, 4), sampling_ratio=st.integers(-1, 3),
+    aligned=st.booleans(), per_frame=st.booleans(), scale=st.sampled_from([1.0, 0.5, 1 / 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_torchvision(n, c, t, h, w, k, ph, pw, sampling_ratio, aligned, per_frame, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+    boxes = make_boxes(k, n, h, w, scale, gen, per_frame_t=t if per_frame else None)
+    out = roi_align3d(x, boxes, (ph, pw), scale, sampling_ratio, aligned)
+    xr = x.detach().clone().requires_grad_()
+    ref = roi_align3d_ref(xr, boxes, (ph, pw), scale, sampling_ratio, aligned)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-12)
+
+
+# --- CUDA ----------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_cuda_matches_torchvision(dtype, layout, per_frame):
+    gen = torch.Generator().manual_seed(20)
+    n, c, t, h, w = 3, 37, 5, 16, 15
+    x64 = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(11, n, h, w, 1 / 16, gen, per_frame_t=t if per_frame else None)
+    ref64 = roi_align3d_ref(x64, boxes, 7, 1 / 16, -1, True)
+    x = x64.to("cuda", dtype)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    bdev = boxes.to("cuda", torch.float64 if dtype == torch.float64 else torch.float32)
+    out = roi_align3d(x, bdev, 7, 1 / 16, -1, True)
+    base = ref64.to(dtype) if dtype in (torch.float16, torch.bfloat16) else \
+        roi_align3d_ref(x64.to("cuda", dtype), bdev, 7, 1 / 16, -1, True)
+    assert_within_rule(out.cpu(), ref64, base.cpu(), floor=torch.finfo(dtype).eps)
+    # backward: atomic (default) and deterministic kernels vs float64
+    g64 = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    xr = x64.clone().requires_grad_()
+    roi_align3d_ref(xr, boxes, 7, 1 / 16, -1, True).backward(g64)
+    grads = []
+    for det in (False, True, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            xg = x.detach().requires_grad_()
+            roi_align3d(xg, bdev, 7, 1 / 16, -1, True).backward(g64.to("cuda", dtype))
+            grads.append(xg.grad.cpu())
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[1], grads[2])
+    tol = 64 * torch.finfo(dtype).eps * max(1.0, xr.grad.abs().max().item())
+    for gr in grads:
+        assert err(gr, xr.grad) <= tol
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_autocast_and_compile():
+    x = torch.randn(2, 3, 4, 16, 16, device="cuda")
+    conv = torch.nn.Conv3d(3, 8, 1).cuda()
+    boxes = torch.tensor([[0.0, 10, 20, 150, 200], [1.0, 0, 0, 255, 255]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = roi_align3d(conv(x), boxes, 7, 1 / 16, -1, True)
+    assert out.dtype == torch.float16
+    f = torch.compile(lambda a, b: roi_align3d(a, b, 7, 1 / 16, 2, True), fullgraph=True)
+    torch.testing.assert_close(f(x, boxes), roi_align3d(x, boxes, 7, 1 / 16, 2, True))
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_64bit_indexing():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs ~10 GB of free GPU memory")
+    # N*C*T*H*W = 2^31 + ...: offsets of the last clip pass int32.
+    x = torch.empty(9, 1024, 16, 128, 128, dtype=torch.float16, device="cuda")
+    x[-1].normal_()
+    boxes = torch.tensor([[8.0, 3.0, 5.0, 100.0, 90.0]], device="cuda")
+    out = roi_align3d(x, boxes, 7, 1.0, 2, True)
+    ref = torchvision.ops.roi_align(x[-1].float().transpose(0, 1).contiguous(), boxes.clone().index_fill_(1, torch.tensor([0], device="cuda"), 0),
+                                    7, 1.0, 2, True)
+    torch.testing.assert_close(out[0].transpose(0, 1).float(), ref, atol=2e-3, rtol=2e-3)
+    assert math.isfinite(out.float().sum().item())
