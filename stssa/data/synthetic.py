@@ -1,0 +1,483 @@
+"""A synthetic dataset in the exact AVA v2.2 file formats, whose actions need time to be recognised.
+
+``python -m stssa.data.synthetic --out DIR [--videos N --seconds S --seed K --height H --width W]`` or
+:func:`make_dataset`. It writes (``DIR/`` as PySlowFast's AVA data folder)::
+
+    frames/{video_id}/{video_id}_{frame:06d}.jpg      30 fps, file number = frame index + 1 (ffmpeg %06d)
+    annotations/ava_train_v2.2.csv                    video_id,timestamp,x1,y1,x2,y2,action_id,person_id
+    annotations/ava_val_v2.2.csv
+    annotations/ava_val_excluded_timestamps_v2.2.csv  video_id,timestamp  (keyframes left out of val)
+    annotations/ava_action_list_v2.2.pbtxt            the real 80-class label map (label{} form)
+    annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt   the real 60-class map (item{} form)
+    annotations/ava_dense_proposals_{train,val}.pkl   {"{video_id},{ts:04d}": float32[N,5] x1,y1,x2,y2,score}
+    annotations/ava_{train,val}_predicted_boxes.csv   video_id,timestamp,x1,y1,x2,y2,,score
+    synthetic_info.json                               parameters, classes, splits, label counts
+
+Each video is the AVA clip convention in miniature: frames start at second 900, keyframes are the whole
+seconds ``902 .. 902 + S - 1`` at frame index ``(s - 900) * 30``, and the video runs one second past the
+last keyframe plus a margin (``(S + 3) * 30`` frames). Videos are split into train and val (about 3:1).
+
+Each video holds 2-3 "persons": rectangles with a striped/checked texture, a head patch and a hand patch,
+moving over a static textured background with mild sensor noise. A person's state changes at the
+half-second between keyframes, so the window around a keyframe shows one state. Labels (real AVA ids from
+the 60 evaluated classes, 1-4 per person and keyframe):
+
+=====  ==========================  ===========================================================  ========
+id     AVA class                   what the video shows                                         cue
+=====  ==========================  ===========================================================  ========
+12     stand                       no motion                                                    time
+14     walk                        horizontal translation, 0.5-0.8 % of the width per frame     time
+10     run/jog                     horizontal translation, 1.4-2.0 % of the width per frame     time
+7      jump/leap                   periodic vertical bounce (period 20 frames)                  time
+6      get up                      height grows from 0.6x to 1x over the second                 time
+1      bend/bow (at the waist)     height shrinks from 1x to 0.6x over the second               time
+69     hand wave                   hand patch oscillates up and down (period 18 frames);        time
+                                   everyone has a hand patch, still when not waving
+79     talk to (a person)          next to a partner; head patch brightness changes every       time
+                                   frame (others' head patches have a constant random shade)
+74     listen to (a person)        the partner of a talker                                      time
+64     fight/hit (a person)        two persons side by side oscillating towards each other     time
+                                   (period 10 frames); also labelled stand
+17     carry/hold (an object)      holds a yellow box, or a book                                 look
+48     read                        holds a book (white sheet on the chest); also carry/hold      look
+=====  ==========================  ===========================================================  ========
+
+So a single frame tells only the appearance classes (17, 48) and that two persons stand close; speed,
+direction of growth, periodic motion and who is talking need several frames. Get up and bend/bow have the
+same height at the keyframe and differ only in the direction of change.
+
+Proposals imitate a person detector: each person is found with probability 0.97, its box jittered by
+about 5 % of its size, score near 1 (``1 - |N(0, 0.1)|``); some duplicates with lower scores; about 0.8
+false boxes per keyframe, scores mostly below 0.7.
+
+Everything is drawn from ``numpy.random.default_rng`` seeded by ``(seed, video index)``: the same
+arguments give the same files, byte for byte (with the same Pillow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shutil
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stssa.data.labels import AVA_ACTIONS, AVA_EVAL_IDS, labelmap_pbtxt
+
+__all__ = ["make_dataset", "simulate_video", "render_video", "SYNTHETIC_ACTIONS", "TEMPORAL_ACTIONS",
+           "APPEARANCE_ACTIONS", "main"]
+
+FPS = 30
+VIDEO_START_SEC = 900
+FIRST_KEYFRAME_SEC = 902
+
+STAND, WALK, RUN, JUMP, GET_UP, BEND = 12, 14, 10, 7, 6, 1
+HAND_WAVE, TALK, LISTEN, FIGHT, CARRY, READ = 69, 79, 74, 64, 17, 48
+_NAMES = {i: n for i, n, _ in AVA_ACTIONS}
+SYNTHETIC_ACTIONS: dict[int, str] = {i: _NAMES[i] for i in
+                                     (STAND, WALK, RUN, JUMP, GET_UP, BEND, HAND_WAVE, TALK, LISTEN, FIGHT, CARRY, READ)}
+TEMPORAL_ACTIONS = (STAND, WALK, RUN, JUMP, GET_UP, BEND, HAND_WAVE, TALK, LISTEN, FIGHT)
+APPEARANCE_ACTIONS = (CARRY, READ)
+assert set(SYNTHETIC_ACTIONS) <= set(AVA_EVAL_IDS)
+
+_LOCOMOTION = (STAND, WALK, RUN, JUMP, GET_UP, BEND)
+_LOCO_P = np.array([0.24, 0.20, 0.15, 0.13, 0.14, 0.14])
+_JUMP_PERIOD, _WAVE_PERIOD, _FIGHT_PERIOD = 20, 18, 10  # frames
+_ID_ALPHABET = string.ascii_letters + string.digits + "-_"
+
+
+def _segment_of_frame(n_frames: int, seconds: int) -> np.ndarray:
+    """Segment k (keyframe k at second 2 + k of the video) covers video time [k + 1.5, k + 2.5) s."""
+    t = np.arange(n_frames) / FPS
+    return np.clip(np.floor(t - 1.5).astype(np.int64), 0, seconds - 1)
+
+
+def _markov(rng, n: int, states, p0, stay: float) -> list:
+    out = [states[rng.choice(len(states), p=p0)]]
+    for _ in range(n - 1):
+        out.append(out[-1] if rng.random() < stay else states[rng.choice(len(states), p=p0)])
+    return out
+
+
+def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: int) -> dict:
+    """Plan and integrate one video.
+
+    Returns a dict with ``n_frames``; ``persons``: list of dicts of per-person constants (``tex`` uint8
+    texture, ``hand_side``, ``head_shade``, ...) and per-frame arrays ``x`` (centre), ``y2`` (bottom),
+    ``h``, ``w``, ``hand_v`` (hand centre as a fraction of the height from the top), ``head`` (head patch
+    grey level), ``obj`` (0 none, 1 box, 2 book); and ``labels[k][p]`` (sorted action ids of person ``p`` at
+    keyframe ``k``) and ``boxes[k][p]`` (the body box ``(x1, y1, x2, y2)`` in pixels at that keyframe).
+    """
+    n_frames = (seconds + 3) * FPS
+    seg = _segment_of_frame(n_frames, seconds)
+    seg_start = np.searchsorted(seg, np.arange(seconds))  # first frame of each segment
+    n_persons = int(rng.integers(2, 4))
+    persons = []
+    for _ in range(n_persons):
+        h0 = rng.uniform(0.38, 0.55) * height
+        p = {
+            "h0": h0,
+            "w0": h0 * rng.uniform(0.32, 0.45),
+            "ground": rng.uniform(min(h0 * 1.3, height - 2), height - 1),
+            "x0": rng.uniform(0.15, 0.85) * width,
+            "walk_speed": rng.uniform(0.005, 0.008) * width,
+            "run_speed": rng.uniform(0.014, 0.020) * width,
+            "hand_side": int(rng.choice([-1, 1])),
+            "hand_v0": rng.uniform(0.2, 0.55),
+            "head_shade": rng.uniform(30, 230),
+            "wave_phase": rng.uniform(0, 2 * np.pi),
+            "tex": _texture(rng),
+            "loco": _markov(rng, seconds, _LOCOMOTION, _LOCO_P, 0.55),
+            "objs": _markov(rng, seconds, (0, 1, 2), np.array([0.55, 0.25, 0.20]), 0.7),
+            "wave": _markov(rng, seconds, (False, True), np.array([0.75, 0.25]), 0.6),
+            "inter": [None] * seconds,  # (kind, role, partner)
+        }
+        # get up / bend last one segment: repeated ones would stack growth without a reset, so break runs.
+        for k in range(1, seconds):
+            if p["loco"][k] in (GET_UP, BEND) and p["loco"][k - 1] == p["loco"][k]:
+                p["loco"][k] = STAND
+        persons.append(p)
+
+    # One or two interactions per video, 2-3 segments each, between two persons free at that time.
+    for _ in range(int(rng.integers(1, 3)) if n_persons >= 2 and seconds >= 2 else 0):
+        a, b = sorted(int(i) for i in rng.choice(n_persons, 2, replace=False))
+        kind = "talk" if rng.random() < 0.5 else "fight"
+        length = int(min(rng.integers(2, 4), seconds))
+        k0 = int(rng.integers(0, seconds - length + 1))
+        span = range(k0, k0 + length)
+        if any(persons[i]["inter"][k] is not None for i in (a, b) for k in range(max(0, k0 - 1), k0 + length)):
+            continue  # keep a free segment between two interactions of one person
+        talker, listener = (a, b) if rng.random() < 0.5 else (b, a)
+        for k in span:
+            if kind == "talk":
+                persons[talker]["inter"][k] = ("talk", TALK, listener)
+                persons[listener]["inter"][k] = ("talk", LISTEN, talker)
+            else:
+                persons[a]["inter"][k] = ("fight", FIGHT, b)
+                persons[b]["inter"][k] = ("fight", FIGHT, a)
+            persons[a]["loco"][k] = persons[b]["loco"][k] = STAND
+
+    # Integrate per frame.
+    for p in persons:
+        for key in ("x", "y2", "h", "w", "hand_v", "head", "obj"):
+            p[key] = np.zeros(n_frames)
+    pos = [[p["x0"], p["ground"], 1] for p in persons]  # x, ground y, walking direction
+    for f in range(n_frames):
+        k = int(seg[f])
+        u = f / FPS - (k + 1.5)  # time since the segment's nominal start (segment 0 also covers t < 1.5 s)
+        if f == seg_start[k]:
+            for pi, p in enumerate(persons):
+                if p["loco"][k] in (WALK, RUN):
+                    pos[pi][2] = int(rng.choice([-1, 1]))
+                inter = p["inter"][k]
+                if inter is not None and inter[2] < pi and (k == 0 or p["inter"][k - 1] is None):
+                    # Step next to the partner (the lower index stays) when the interaction begins: a cut,
+                    # half a second before the first keyframe of the interaction.
+                    qi = inter[2]
+                    q = persons[qi]
+                    gap = 0.5 * (p["w0"] + q["w0"]) + 0.15 * min(p["w0"], q["w0"])
+                    side = 1 if pos[qi][0] + gap + p["w0"] / 2 < width - 1 else -1
+                    pos[pi][0] = float(np.clip(pos[qi][0] + side * gap, p["w0"] / 2 + 1, width - 1 - p["w0"] / 2))
+                    pos[pi][1] = pos[qi][1]
+        for pi, p in enumerate(persons):
+            loco, inter = p["loco"][k], p["inter"][k]
+            h, w = p["h0"], p["w0"]
+            if loco == GET_UP:
+                h = p["h0"] * (0.6 + 0.4 * np.clip(u, 0, 1))
+            elif loco == BEND:
+                h = p["h0"] * (1.0 - 0.4 * np.clip(u, 0, 1))
+            if loco in (WALK, RUN):
+                speed = p["walk_speed"] if loco == WALK else p["run_speed"]
+                x = pos[pi][0] + pos[pi][2] * speed
+                if x - w / 2 < 1 or x + w / 2 > width - 1:  # bounce off the frame edge
+                    pos[pi][2] *= -1
+                    x = pos[pi][0] + pos[pi][2] * speed
+                pos[pi][0] = float(np.clip(x, w / 2 + 1, width - 1 - w / 2))
+            x, y2 = pos[pi][0], pos[pi][1]
+            if loco == JUMP:
+                y2 -= 0.18 * p["h0"] * abs(np.sin(np.pi * (f - seg_start[k]) / _JUMP_PERIOD))
+            if inter is not None and inter[0] == "fight":
+                toward = np.sign(pos[inter[2]][0] - pos[pi][0]) or 1.0
+                x += toward * 0.12 * w * np.sin(2 * np.pi * f / _FIGHT_PERIOD) ** 2
+            p["x"][f], p["y2"][f], p["h"][f], p["w"][f] = x, y2, h, w
+            p["hand_v"][f] = (0.38 + 0.2 * np.sin(2 * np.pi * f / _WAVE_PERIOD + p["wave_phase"])) if p["wave"][k] \
+                else p["hand_v0"]
+            p["head"][f] = rng.uniform(30, 230) if inter is not None and inter[1] == TALK else p["head_shade"]
+            p["obj"][f] = p["objs"][k]
+
+    labels, boxes = [], []
+    for k in range(seconds):
+        f = (FIRST_KEYFRAME_SEC - VIDEO_START_SEC + k) * FPS
+        lk, bk = [], []
+        for p in persons:
+            inter = p["inter"][k]
+            labs = {p["loco"][k]}
+            if p["objs"][k] == 1:
+                labs.add(CARRY)
+            elif p["objs"][k] == 2:
+                labs |= {CARRY, READ}
+            if p["wave"][k]:
+                labs.add(HAND_WAVE)
+            if inter is not None:
+                labs.add(inter[1])
+            lk.append(sorted(labs))
+            bk.append(_body_box(p, f, height, width))
+        labels.append(lk)
+        boxes.append(bk)
+    return {"n_frames": n_frames, "persons": persons, "labels": labels, "boxes": boxes}
+
+
+def _body_box(p: dict, f: int, height: int, width: int) -> tuple[float, float, float, float]:
+    x, y2, h, w = p["x"][f], p["y2"][f], p["h"][f], p["w"][f]
+    return (max(0.0, x - w / 2), max(0.0, y2 - h), min(float(width), x + w / 2), min(float(height), y2))
+
+
+def _texture(rng) -> np.ndarray:
+    """A 48 x 24 two-colour pattern (stripes in one of three directions, or checks)."""
+    th, tw = 48, 24
+    c1 = rng.uniform(40, 200, 3)
+    c2 = np.clip(c1 + rng.choice([-1, 1], 3) * rng.uniform(40, 90, 3), 0, 255)
+    yy, xx = np.mgrid[0:th, 0:tw]
+    period = int(rng.integers(3, 7))
+    kind = int(rng.integers(0, 4))
+    m = [(yy // period) % 2, (xx // period) % 2, ((xx + yy) // period) % 2,
+         ((yy // period) + (xx // period)) % 2][kind]
+    return np.where(m[..., None] == 1, c1, c2).astype(np.uint8)
+
+
+def _background(rng, height: int, width: int) -> np.ndarray:
+    coarse = rng.uniform(60, 190, (4, 5, 3))
+    img = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    return np.asarray(img).astype(np.float32) + rng.normal(0, 3, (height, width, 3)).astype(np.float32)
+
+
+def _paste(frame: np.ndarray, y1: float, y2: float, x1: float, x2: float, value) -> None:
+    h, w = frame.shape[:2]
+    r1, r2 = int(round(max(0, y1))), int(round(min(h, y2)))
+    c1, c2 = int(round(max(0, x1))), int(round(min(w, x2)))
+    if r2 > r1 and c2 > c1:
+        frame[r1:r2, c1:c2] = value
+
+
+def render_video(sim: dict, rng: np.random.Generator, height: int, width: int):
+    """Yield ``uint8[H, W, 3]`` frames of a simulated video."""
+    bg = _background(rng, height, width)
+    # Sensor noise, so that frame differences are not exactly 0 where nothing moves; drawn from a small bank
+    # because a fresh Gaussian field per frame costs more than the rest of the rendering.
+    noise = rng.normal(0, 1.5, (8,) + bg.shape).astype(np.float32)
+    persons = sorted(sim["persons"], key=lambda p: p["ground"])  # far (higher up) first
+    for f in range(sim["n_frames"]):
+        frame = bg + noise[rng.integers(len(noise))]
+        for p in persons:
+            x, y2, h, w = p["x"][f], p["y2"][f], p["h"][f], p["w"][f]
+            x1, y1, x2 = x - w / 2, y2 - h, x + w / 2
+            r1, r2 = int(round(max(0, y1))), int(round(min(height, y2)))
+            c1, c2 = int(round(max(0, x1))), int(round(min(width, x2)))
+            if r2 <= r1 or c2 <= c1:
+                continue
+            tex = p["tex"]
+            # Texture in body coordinates, so growth and shrinking stretch it visibly.
+            rows = np.clip(((np.arange(r1, r2) + 0.5 - y1) / h * tex.shape[0]).astype(np.int64), 0, tex.shape[0] - 1)
+            cols = np.clip(((np.arange(c1, c2) + 0.5 - x1) / w * tex.shape[1]).astype(np.int64), 0, tex.shape[1] - 1)
+            frame[r1:r2, c1:c2] = tex[rows][:, cols]
+            hs = 0.34 * w  # head patch: top centre
+            _paste(frame, y1 + 0.03 * h, y1 + 0.03 * h + hs, x - hs / 2, x + hs / 2, p["head"][f])
+            ps = 0.28 * w  # hand patch at one side
+            hy = y1 + p["hand_v"][f] * h
+            hx = x + p["hand_side"] * (w / 2 - ps / 2)
+            _paste(frame, hy - ps / 2, hy + ps / 2, hx - ps / 2, hx + ps / 2, (235, 185, 150))
+            if p["obj"][f] == 1:  # yellow box on the other side
+                s = 0.36 * w
+                ox = x - p["hand_side"] * (w / 2 - s / 2)
+                _paste(frame, y1 + 0.55 * h, y1 + 0.55 * h + s, ox - s / 2, ox + s / 2, (250, 215, 0))
+            elif p["obj"][f] == 2:  # book: white sheet on the chest
+                _paste(frame, y1 + 0.4 * h, y1 + 0.62 * h, x - 0.3 * w, x + 0.3 * w, (245, 245, 245))
+        yield np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def _proposals(rng, gt_boxes: list[tuple], height: int, width: int) -> np.ndarray:
+    """Detector-like person boxes (normalised ``[N, 5]``, score-sorted) for one keyframe."""
+    out = []
+    for (x1, y1, x2, y2) in gt_boxes:
+        bw, bh = x2 - x1, y2 - y1
+        if rng.random() < 0.97:
+            jit = rng.normal(0, 0.05, 4) * [bw, bh, bw, bh]
+            out.append([x1 + jit[0], y1 + jit[1], x2 + jit[2], y2 + jit[3], 1 - abs(rng.normal(0, 0.1))])
+        if rng.random() < 0.15:
+            jit = rng.normal(0, 0.15, 4) * [bw, bh, bw, bh]
+            out.append([x1 + jit[0], y1 + jit[1], x2 + jit[2], y2 + jit[3], rng.uniform(0.2, 0.85)])
+    for _ in range(rng.poisson(0.8)):
+        bw, bh = rng.uniform(0.08, 0.3), rng.uniform(0.25, 0.6)
+        x1, y1 = rng.uniform(0, 1 - bw), rng.uniform(0, 1 - bh)
+        s = rng.uniform(0.7, 0.95) if rng.random() < 0.1 else rng.uniform(0.02, 0.7)
+        out.append([x1 * width, y1 * height, (x1 + bw) * width, (y1 + bh) * height, s])
+    if not out:
+        return np.zeros((0, 5), np.float32)
+    a = np.array(out, dtype=np.float64)
+    a[:, [0, 2]] = np.clip(a[:, [0, 2]] / width, 0, 1)
+    a[:, [1, 3]] = np.clip(a[:, [1, 3]] / height, 0, 1)
+    a[:, 4] = np.clip(a[:, 4], 0.01, 0.999)
+    a = a[(a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1])]
+    return a[np.argsort(-a[:, 4], kind="stable")].astype(np.float32)
+
+
+def _video_ids(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng([seed, 1 << 20])
+    ids: list[str] = []
+    while len(ids) < n:
+        v = "".join(rng.choice(list(_ID_ALPHABET), 11))
+        if v not in ids:
+            ids.append(v)
+    return ids
+
+
+def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, height: int = 96, width: int = 128,
+                 val_fraction: float = 0.3, jpeg_quality: int = 90, overwrite: bool = False,
+                 verbose: bool = False) -> dict[str, str]:
+    """Write the synthetic dataset (layout and content in the module docstring).
+
+    Args:
+        out_dir: output folder (created).
+        videos: number of videos (>= 2: at least one train and one val video).
+        seconds: keyframes per video.
+        seed: everything is a function of the arguments.
+        height, width: frame size in pixels.
+        val_fraction: share of videos in val (rounded, at least 1).
+        jpeg_quality: Pillow JPEG quality.
+        overwrite: replace an existing ``frames/`` folder under ``out_dir`` (else refuse, so that stale frames
+            of another configuration cannot be read as part of these videos).
+
+    Returns:
+        ``{"root", "frames", "train_csv", "val_csv", "excluded_csv", "labelmap" (80 classes),
+        "labelmap_eval" (60 classes), "train_proposals_pkl", "val_proposals_pkl", "train_proposals_csv",
+        "val_proposals_csv", "info"}`` as ``str`` paths. Defaults (16 videos x 10 s, 96 x 128) give 6240
+        JPEGs (~15 MB), 120 train and about 36 val keyframes with 2-3 persons each.
+    """
+    if videos < 2:
+        raise ValueError(f"make_dataset: videos must be >= 2 (train and val), got {videos}")
+    if seconds < 1:
+        raise ValueError(f"make_dataset: seconds must be >= 1, got {seconds}")
+    if height < 16 or width < 16:
+        raise ValueError(f"make_dataset: frames must be at least 16x16, got {height}x{width}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"make_dataset: val_fraction must lie in (0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    frames_dir, ann = out / "frames", out / "annotations"
+    if frames_dir.exists() and any(frames_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"make_dataset: {frames_dir} is not empty; pass overwrite=True (--overwrite) "
+                                  "to replace it")
+        shutil.rmtree(frames_dir)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    ann.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "root": out, "frames": frames_dir,
+        "train_csv": ann / "ava_train_v2.2.csv", "val_csv": ann / "ava_val_v2.2.csv",
+        "excluded_csv": ann / "ava_val_excluded_timestamps_v2.2.csv",
+        "labelmap": ann / "ava_action_list_v2.2.pbtxt",
+        "labelmap_eval": ann / "ava_action_list_v2.2_for_activitynet_2019.pbtxt",
+        "train_proposals_pkl": ann / "ava_dense_proposals_train.pkl",
+        "val_proposals_pkl": ann / "ava_dense_proposals_val.pkl",
+        "train_proposals_csv": ann / "ava_train_predicted_boxes.csv",
+        "val_proposals_csv": ann / "ava_val_predicted_boxes.csv",
+        "info": out / "synthetic_info.json",
+    }
+    n_val = max(1, int(round(videos * val_fraction)))
+    ids = _video_ids(seed, videos)
+    split_of = {v: ("val" if i >= videos - n_val else "train") for i, v in enumerate(ids)}
+    rows = {"train": [], "val": []}
+    props = {"train": {}, "val": {}}
+    label_counts = {"train": {}, "val": {}}
+    t0 = time.time()
+    for vi, vid in enumerate(ids):
+        rng = np.random.default_rng([seed, vi])
+        sim = simulate_video(rng, seconds, height, width)
+        vdir = frames_dir / vid
+        vdir.mkdir()
+        for f, frame in enumerate(render_video(sim, rng, height, width)):
+            Image.fromarray(frame).save(vdir / f"{vid}_{f + 1:06d}.jpg", format="JPEG", quality=jpeg_quality)
+        split = split_of[vid]
+        for k in range(seconds):
+            ts = FIRST_KEYFRAME_SEC + k
+            for pid, (box, labs) in enumerate(zip(sim["boxes"][k], sim["labels"][k])):
+                nb = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
+                for a in labs:
+                    rows[split].append(f"{vid},{ts:04d},{nb[0]:.3f},{nb[1]:.3f},{nb[2]:.3f},{nb[3]:.3f},{a},{pid}")
+                    label_counts[split][a] = label_counts[split].get(a, 0) + 1
+            props[split][f"{vid},{ts:04d}"] = _proposals(rng, sim["boxes"][k], height, width)
+        if verbose:
+            print(f"  video {vi + 1}/{videos} {vid} ({split}): {sim['n_frames']} frames, "
+                  f"{len(sim['persons'])} persons [{time.time() - t0:.1f}s]", flush=True)
+
+    # Exclude ~10 % of val keyframes (at least one when there are 5 or more): out of the val CSV, listed
+    # in the exclusions file, still present in the proposals, as in the real release.
+    val_keys = sorted({tuple(r.split(",")[:2]) for r in rows["val"]})
+    rng = np.random.default_rng([seed, 1 << 21])
+    n_ex = int(round(0.1 * len(val_keys))) if len(val_keys) >= 5 else 0
+    excluded = {val_keys[i] for i in rng.choice(len(val_keys), n_ex, replace=False)} if n_ex else set()
+    rows["val"] = [r for r in rows["val"] if tuple(r.split(",")[:2]) not in excluded]
+    for a in list(label_counts["val"]):
+        label_counts["val"][a] = sum(1 for r in rows["val"] if int(r.split(",")[6]) == a)
+
+    def write(path, lines):
+        Path(path).write_text("".join(line + "\n" for line in lines))
+
+    write(paths["train_csv"], rows["train"])
+    write(paths["val_csv"], rows["val"])
+    write(paths["excluded_csv"], [f"{v},{t}" for v, t in sorted(excluded)])
+    Path(paths["labelmap"]).write_text(labelmap_pbtxt("label"))
+    Path(paths["labelmap_eval"]).write_text(labelmap_pbtxt("item"))
+    for split in ("train", "val"):
+        with open(paths[f"{split}_proposals_pkl"], "wb") as f:
+            pickle.dump(props[split], f, protocol=4)
+        write(paths[f"{split}_proposals_csv"],
+              [f"{key},{b[0]:.3f},{b[1]:.3f},{b[2]:.3f},{b[3]:.3f},,{b[4]:.6f}"
+               for key, arr in props[split].items() for b in arr.tolist()])
+    info = {
+        "generator": "stssa.data.synthetic",
+        "args": {"videos": videos, "seconds": seconds, "seed": seed, "height": height, "width": width,
+                 "val_fraction": val_fraction, "jpeg_quality": jpeg_quality},
+        "fps": FPS, "video_start_sec": VIDEO_START_SEC, "frames_per_video": (seconds + 3) * FPS,
+        "frame_pattern": "{video_id}/{video_id}_{frame:06d}.jpg", "frame_start": 1,
+        "keyframes": [FIRST_KEYFRAME_SEC, FIRST_KEYFRAME_SEC + seconds - 1],
+        "classes": {str(i): {"name": n, "cue": "appearance" if i in APPEARANCE_ACTIONS else "temporal"}
+                    for i, n in SYNTHETIC_ACTIONS.items()},
+        "videos": {"train": [v for v in ids if split_of[v] == "train"], "val": [v for v in ids if split_of[v] == "val"]},
+        "excluded": [f"{v},{t}" for v, t in sorted(excluded)],
+        "label_rows": {s: {str(k): v for k, v in sorted(c.items())} for s, c in label_counts.items()},
+    }
+    Path(paths["info"]).write_text(json.dumps(info, indent=2) + "\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stssa.data.synthetic",
+                                description="Write a synthetic dataset in the AVA v2.2 formats.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--videos", type=int, default=20)
+    p.add_argument("--seconds", type=int, default=10, help="keyframes per video")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=96)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing frames/ folder")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    paths = make_dataset(a.out, videos=a.videos, seconds=a.seconds, seed=a.seed, height=a.height, width=a.width,
+                         overwrite=a.overwrite, verbose=not a.quiet)
+    info = json.loads(Path(paths["info"]).read_text())
+    print(f"wrote {a.videos} videos x {a.seconds} keyframes ({info['frames_per_video']} frames each, "
+          f"{a.height}x{a.width}) to {a.out} in {time.time() - t0:.1f}s")
+    for k, v in paths.items():
+        print(f"  {k:<20} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
