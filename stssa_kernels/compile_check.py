@@ -53,6 +53,10 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
+    # {arg name: 16} for arguments the runtime specialisation sees as 16-divisible (ints) or 16-byte
+    # aligned (pointers), as Triton's JIT does at launch; without it the AOT build gets no
+    # vectorisation hints and compiles a different (scalar-load) kernel than the one that runs.
+    attrs: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -125,7 +129,9 @@ def check_triton(archs: list[int], tool: str | None) -> list[Row]:
             for spec in mod.compile_specs(cc):
                 row = Row("triton", spec.name, spec.config, f"sm_{cc}")
                 try:
-                    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+                    attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]] for a, d in spec.attrs.items()}
+                    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                                    attrs=attrs)
                     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
                     row.smem = int(k.metadata.shared)
