@@ -128,8 +128,8 @@ def _read_excluded(src) -> tuple[list[str], np.ndarray]:
 
 def _keyframe_codes(videos: list[list[str]], stamps: list[np.ndarray]) -> list[np.ndarray]:
     """One int64 code per (video_id, timestamp), shared across the given tables."""
-    vmap: dict[str, int] = {}
-    vids = [np.fromiter((vmap.setdefault(v, len(vmap)) for v in vs), np.int64, len(vs)) for vs in videos]
+    vmap = {v: i for i, v in enumerate(dict.fromkeys(v for vs in videos for v in vs))}
+    vids = [np.fromiter(map(vmap.__getitem__, vs), np.int64, len(vs)) for vs in videos]
     all_ts = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
     if all_ts.size == 0:
         return [np.zeros(0, np.int64) for _ in videos]

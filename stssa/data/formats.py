@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 from collections import namedtuple
+from itertools import repeat
 from pathlib import Path
 from typing import Iterable
 
@@ -146,11 +147,6 @@ def _as_labelmap(labelmap) -> tuple[dict[int, str], set[int]]:
 
 
 # ------------------------------------------------------------------------------------------------ CSVs
-def _read_lines(path) -> list[str]:
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        return f.read().splitlines()
-
-
 def read_csv_columns(path, ncols: Iterable[int], names: str = "columns"
                      ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """Split a header-less CSV into string columns, fast (a million rows in about two seconds).
@@ -170,8 +166,12 @@ def read_csv_columns(path, ncols: Iterable[int], names: str = "columns"
     """
     allowed = sorted(set(ncols))
     width = allowed[-1]
-    lines = _read_lines(path)
-    counts = np.fromiter((s.count(",") for s in lines), dtype=np.int64, count=len(lines)) + 1
+    with open(path, "r", encoding="utf-8", newline="") as f:
+        text = f.read()
+    has_space = " " in text or "\t" in text  # strip fields only when needed (it is a third of the time)
+    lines = text.splitlines()
+    del text
+    counts = np.array(list(map(str.count, lines, repeat(",", len(lines)))), dtype=np.int64) + 1
     blank = counts == 1
     if blank.any():
         blank &= np.fromiter((not s.strip() for s in lines), dtype=bool, count=len(lines))
@@ -198,7 +198,8 @@ def read_csv_columns(path, ncols: Iterable[int], names: str = "columns"
     finally:
         if gc_was_enabled:
             gc.enable()
-    cols = [[s.strip() for s in c] for c in cols]
+    if has_space:
+        cols = [[s.strip() for s in c] for c in cols]
     return cols, keep + 1, counts
 
 
