@@ -51,7 +51,7 @@ TRAIN_DEFAULTS = {
     "warmup_steps": 0, "warmup_epochs": None, "warmup_start_factor": 0.1, "schedule": "cosine", "step_milestones": [],
     "step_gamma": 0.1, "cosine_final_factor": 0.0, "amp": "none", "clip_grad": 0.0, "ckpt_every": 200,
     "eval_every": 1, "seed": 0, "num_workers": 2, "log_every": 1, "deterministic": False,
-    "head_lr_mult": 1.0,
+    "head_lr_mult": 1.0, "threads": None,
 }
 
 
@@ -221,6 +221,10 @@ class Trainer:
         else:
             self.rank, self.world = 0, 1
         self.device = torch.device(device)
+        if self.tcfg["threads"]:
+            # On a small CPU with data workers, one intra-op thread per process avoids OpenMP threads
+            # spin-waiting for cores the workers hold.
+            torch.set_num_threads(int(self.tcfg["threads"]))
         self.is_main = self.rank == 0
         if self.tcfg["deterministic"]:
             torch.use_deterministic_algorithms(True)

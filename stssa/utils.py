@@ -47,8 +47,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Dict[
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: a config must be a YAML mapping, got {type(cfg).__name__}")
     base = cfg.pop("_base_", None)
+    name = cfg.pop("name", p.stem)  # a config's own name, never its base's
     if base is not None:
         cfg = _merge(load_config(p.parent / base), cfg)
+    cfg["name"] = name
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -60,7 +62,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Dict[
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part} is not a mapping in the config")
         node[parts[-1]] = yaml.safe_load(value)
-    cfg.setdefault("name", p.stem)
     return cfg
 
 
