@@ -1,0 +1,183 @@
+"""Benchmark: the STSSA head, forward + backward, fused ops vs the plain-PyTorch composition.
+
+    python benchmarks/head.py [--device cuda|cpu] [--threads 2] [--repeats N] [--shapes ava|cpu_small]
+                              [--dtype float32|bfloat16|float16]
+
+The same ``STSSAHead`` (same parameters) runs with ``use_fused=True`` (``roi_align3d``, ``temporal_proj``,
+``attention3d`` from stssa_kernels) and ``use_fused=False`` (torchvision ``roi_align`` with time folded into
+the batch, ``F.conv3d`` per projection, permute + ``bmm`` + ``softmax`` + ``bmm``: stssa_kernels.reference).
+Timed region: head forward from the res5 map and the boxes to the logits, sigmoid BCE, backward to the
+head's parameters and to the feature map (the backbone's input gradient), device synchronised.
+
+Shapes. ``ava`` (the issue's target): K=32 RoIs over N=8 clips, res5 map [8, 2048, 16, 16, 16], 7x7 RoIs,
+both axes (SSFA + TSFA), both branches (slow 7x1x1, fast 1x1x1), 2 layers, 2048-d Q/K, LayerNorm: the
+``stssa_ssfa_tsfa_gap2048_2l_ln`` config. ``cpu_small`` (what a 2-core CPU finishes in minutes): K=8 over N=2,
+C=256, T=8, 8x8 map, 256-d Q/K, otherwise the same.
+
+Peak memory. GPU: ``torch.cuda.max_memory_allocated`` above the memory held before the call (inputs and
+parameters excluded). CPU: each variant runs in a fresh subprocess and reports the growth of its peak
+resident set (``ru_maxrss``) over the resident set just before the first timed call -- includes allocator
+caching, so it is an upper bound of the tensors' peak, and it is labelled as RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_info, measure, peak_memory, print_table, write_results  # noqa: E402
+
+SHAPES = {
+    "ava": dict(N=8, K=32, C=2048, T=16, H=16, W=16, embed=2048, layers=2),
+    "cpu_small": dict(N=2, K=8, C=256, T=8, H=8, W=8, embed=256, layers=2),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    from stssa.models import STSSAHead
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = STSSAHead(shape["C"], num_classes=80, axes=("spatial", "temporal"), num_layers=shape["layers"],
+                     embed_dim=shape["embed"], branches=("slow", "fast"), slow_kernel=7, layernorm=True,
+                     pool="avg", dropout=0.0, spatial_scale=1 / 16)
+    with torch.no_grad():  # gamma = 0 would make the attention a no-op in the gradient; use trained-like values
+        for n, p in head.named_parameters():
+            if "gamma" in n:
+                p.fill_(0.5)
+    head = head.to(device=device, dtype=dtype)
+    feats = torch.randn(shape["N"], shape["C"], shape["T"], shape["H"], shape["W"], generator=gen).to(device, dtype)
+    feats.requires_grad_(True)
+    img = shape["H"] * 16
+    k = shape["K"]
+    w = img * (0.15 + 0.45 * torch.rand(k, generator=gen))
+    h = img * (0.3 + 0.6 * torch.rand(k, generator=gen))
+    x1, y1 = (img - w) * torch.rand(k, generator=gen), (img - h) * torch.rand(k, generator=gen)
+    rois = torch.stack([(torch.arange(k) % shape["N"]).float(), x1, y1, x1 + w, y1 + h], 1).to(device)
+    labels = (torch.rand(k, 80, generator=gen) < 0.05).float().to(device)
+    return head, feats, rois, labels
+
+
+def step_fn(head, feats, rois, labels):
+    def fn():
+        head.zero_grad(set_to_none=True)
+        feats.grad = None
+        logits = head(feats, rois)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        loss.backward()
+    return fn
+
+
+def dispatch_notes(head, feats, rois) -> dict:
+    """Which dispatch entry each fused op takes at these shapes (as the ops report it)."""
+    notes = {}
+    try:
+        from stssa_kernels.ops import attention3d as a3
+        from stssa_kernels.ops import temporal_proj as tp
+        with torch.no_grad():
+            x = head.roi_features(feats, rois)
+            blk = head.blocks[0]
+            convs = blk._convs()
+            notes["temporal_proj"] = tp.select_backend(x, [c.out_channels for c in convs]).backend
+            q = x.new_empty((x.shape[0], blk.proj["slow"]["q"].out_channels) + tuple(x.shape[2:]))
+            for axis in ("spatial", "temporal"):
+                notes[f"attention3d_{axis}"] = a3.explain(q, q, x, axis, 1)
+    except Exception as e:  # the notes are informative only
+        notes["error"] = f"{type(e).__name__}: {e}"
+    return notes
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(args) -> dict:
+    """One variant in this process (the CPU subprocess entry, or directly on GPU)."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    shape, dtype = SHAPES[args.shapes], DTYPES[args.dtype]
+    head, feats, rois, labels = build(shape, device, dtype)
+    fused = args.variant == "fused"
+    head.set_fused(fused)
+    fn = step_fn(head, feats, rois, labels)
+    row = {"variant": "fused" if fused else "reference", "shapes": args.shapes, "dtype": args.dtype}
+    if device.type == "cuda":
+        fn()
+        row["peak_mem_mb"] = peak_memory(fn, device) / 2**20
+    else:
+        rss0 = _rss_bytes()
+        fn()
+        row["peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20
+    row.update(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
+    if fused:
+        row["dispatch"] = dispatch_notes(head, feats, rois)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shapes", default=None, choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    ap.add_argument("--variant", choices=["fused", "reference"], help=argparse.SUPPRESS)  # subprocess entry
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    args.shapes = args.shapes or ("ava" if device.type == "cuda" else "cpu_small")
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    if args.variant:
+        print(json.dumps(run_one(args)))
+        return 0
+
+    rows = []
+    for variant in ("fused", "reference"):
+        if device.type == "cuda":
+            args.variant = variant
+            rows.append(run_one(args))
+            torch.cuda.empty_cache()
+        else:
+            # A fresh process per variant: the peak RSS of one must not include the other's.
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--threads", str(args.threads),
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--shapes", args.shapes,
+                   "--dtype", args.dtype, "--variant", variant]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    f, r = rows
+    mem_key = "peak_mem_mb" if device.type == "cuda" else "peak_rss_growth_mb"
+    summary = {"speedup": r["median_ms"] / f["median_ms"],
+               "memory_ratio": (r[mem_key] / f[mem_key]) if f[mem_key] > 0 else None,
+               "memory_measure": "cuda max_memory_allocated above baseline" if device.type == "cuda"
+               else "growth of peak RSS over RSS before the first call (fresh process per variant)"}
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    print(f"STSSA head fwd+bwd, shapes {args.shapes} {SHAPES[args.shapes]}, {args.dtype}, "
+          f"{device_info(device)['name']}" + (f", {args.threads} threads" if device.type == "cpu" else ""))
+    print_table(rows, [("variant", "variant"), ("median_ms", "median ms"), ("min_ms", "min ms"),
+                       ("repeats", "n"), (mem_key, mem_key.replace("_", " "))])
+    print(f"speedup fused vs reference: {summary['speedup']:.2f}x; memory ratio: "
+          + (f"{summary['memory_ratio']:.2f}x" if summary["memory_ratio"] else "n/a"))
+    print(f"dispatch: {f.get('dispatch')}")
+    if device.type == "cpu":
+        print("NOTE: CPU run at reduced shapes; the targets (2x time, 2x memory) are for the GPU 'ava' shapes.")
+    path = write_results("head", device, {"shapes": {args.shapes: SHAPES[args.shapes]}, "dtype": args.dtype,
+                                          "rows": rows, "summary": summary,
+                                          "reduced_shapes_on_cpu": device.type == "cpu"})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
