@@ -198,16 +198,20 @@ def test_stssa_fused_float32_error_within_rule():
                                               "embed_dim": 8, "layernorm": True}}
     r32 = _fused_vs_reference(cfg, torch.float32, seed=4)
     r64 = _fused_vs_reference(cfg, torch.float64, seed=4)
+    eps = torch.finfo(torch.float32).eps
     truth_out = r64[False][0]
     e_f = (r32[True][0].double() - truth_out).abs().max().item()
     e_t = (r32[False][0].double() - truth_out).abs().max().item()
-    _assert_within(e_f, e_t, "logits", 1e-6 * truth_out.abs().max().item())
-    for n, g in r64[False][1].items():
-        if not n.startswith("head."):
-            continue
+    _assert_within(e_f, e_t, "logits", 8 * eps * truth_out.abs().max().item())
+    # Rounding floor for the gradients: fp32 rounding at the scale of the head's gradients. Some are exactly
+    # zero in exact arithmetic (the K bias: softmax is invariant to it), so a per-tensor relative floor
+    # would demand less than one rounding of the terms that cancel.
+    head = {n: g for n, g in r64[False][1].items() if n.startswith("head.")}
+    scale = max(g.abs().max().item() for g in head.values())
+    for n, g in head.items():
         e_f = (r32[True][1][n].double() - g).abs().max().item()
         e_t = (r32[False][1][n].double() - g).abs().max().item()
-        _assert_within(e_f, e_t, n, 1e-6 * g.abs().max().item())
+        _assert_within(e_f, e_t, n, 8 * eps * scale)
 
 
 def test_baseline_fused_matches_reference_float64():
