@@ -56,7 +56,8 @@ def test_labelmap_text_equals_real_files():
 
 def test_labelmap_compact_form_and_errors(tmp_path):
     p = tmp_path / "m.pbtxt"
-    p.write_text('# comment\nitem { name: "a \\"b\\"" id: 3 }\nlabel {\n  name: "c"\n  label_id: 7\n  label_type: X\n}\n')
+    p.write_text('# comment\nitem { name: "a \\"b\\"" id: 3 }\n'
+                 'label {\n  name: "c"\n  label_id: 7\n  label_type: X\n}\n')
     assert read_labelmap(p) == ({3: 'a "b"', 7: "c"}, {3, 7})
     p.write_text('item {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "b"\n}\n')
     with pytest.raises(AVAFormatError, match=r"m\.pbtxt:5: .*needs a name and an id"):
@@ -278,8 +279,8 @@ def test_transform_pieces_move_boxes_with_pixels():
 def test_errors_name_file_and_line(synth, tmp_path):
     frames = Path(synth["frames"])
     vid = sorted(p.name for p in frames.iterdir())[0]
-    rows = [r for r in Path(synth["train_csv"]).read_text().splitlines() + Path(synth["val_csv"]).read_text().splitlines()
-            if r.startswith(vid + ",")]
+    all_rows = Path(synth["train_csv"]).read_text().splitlines() + Path(synth["val_csv"]).read_text().splitlines()
+    rows = [r for r in all_rows if r.startswith(vid + ",")]
     ann = tmp_path / "ann.csv"
     ann.write_text("\n".join(rows) + f"\nnotavideo00,0903,0.1,0.1,0.5,0.5,12,0\n")
     with pytest.raises(FileNotFoundError, match=rf"ann\.csv:{len(rows) + 1}: unknown video 'notavideo00'.*"

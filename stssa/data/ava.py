@@ -38,7 +38,6 @@ malformed CSV rows raise :class:`~stssa.data.formats.AVAFormatError` with ``file
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -288,7 +287,8 @@ class AVADataset(Dataset):
     def __repr__(self) -> str:
         n_boxes = sum(len(it[2]) for it in self.items)
         return (f"AVADataset(split={self.split!r}, {len(self)} keyframes, {n_boxes} boxes, "
-                f"{len(self.video_lengths)} videos, T={self.num_frames}x{self.sampling_rate}, root={self.frame_root!r})")
+                f"{len(self.video_lengths)} videos, T={self.num_frames}x{self.sampling_rate}, "
+                f"root={self.frame_root!r})")
 
 
 def ava_collate(batch: list[dict]) -> dict:

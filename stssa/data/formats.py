@@ -328,7 +328,8 @@ def read_proposals(path, score_threshold: float = 0.0) -> dict[tuple[str, int], 
                 raise AVAFormatError(f"{path}: proposals for key {key!r} hold a non-finite or inverted box")
             out[k] = a
     else:
-        cols, lines, counts = read_csv_columns(path, (7, 8), "columns (video_id,timestamp,x1,y1,x2,y2[,action_id],score)")
+        cols, lines, counts = read_csv_columns(path, (7, 8),
+                                               "columns (video_id,timestamp,x1,y1,x2,y2[,action_id],score)")
         if not len(lines):
             return {}
         ts = _to_numbers(path, cols[1], lines, np.int64, "timestamp")
