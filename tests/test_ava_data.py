@@ -195,6 +195,10 @@ def test_dataset_val_with_proposals_and_exclusions(synth):
     ds2 = AVADataset(synth["frames"], None, synth["labelmap_eval"], "val", proposals=props, proposal_threshold=0.8,
                      **common)
     assert set(ds2.keyframes) == {k for k, v in props.items() if len(v)} and ds2[0]["labels"].sum() == 0
+    raw = {f"{v},{t:04d}": a for (v, t), a in props.items()}  # the pickle's own key form works too
+    ds3 = AVADataset(synth["frames"], None, synth["labelmap_eval"], "val", proposals=raw, proposal_threshold=0.8,
+                     **common)
+    assert ds3.keyframes == ds2.keyframes
 
 
 def _iou(a, b):

@@ -44,7 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from stssa.data.formats import _as_labelmap, read_annotations, read_exclusions, read_proposals
+from stssa.data.formats import _as_labelmap, _parse_key, read_annotations, read_exclusions, read_proposals
 from stssa.data.transforms import TestTransform, TrainTransform
 
 __all__ = ["AVADataset", "ava_collate", "FrameReadError", "DEFAULT_FRAME_PATTERN", "keyframe_index",
@@ -154,6 +154,8 @@ class AVADataset(Dataset):
         self.fps, self.video_start_sec = int(fps), int(video_start_sec)
         self.num_classes = int(num_classes)
         self.class_names, class_ids = _as_labelmap(labelmap)
+        if not class_ids:
+            raise ValueError("AVADataset: the label map is empty")
         if max(class_ids) > self.num_classes or min(class_ids) < 1:
             raise ValueError(f"AVADataset: label ids must lie in 1..num_classes={self.num_classes}, "
                              f"label map has {min(class_ids)}..{max(class_ids)}")
@@ -174,18 +176,21 @@ class AVADataset(Dataset):
                 props, props_src = read_proposals(proposals, proposal_threshold), str(proposals)
             else:
                 props_src = "<proposals dict>"
-                props = {(str(k[0]), int(k[1])): np.asarray(v, np.float32).reshape(-1, 5) for k, v in proposals.items()}
+                # read_proposals' {(video_id, ts): [N, 5]} or the raw pickle's {"video_id,0902": [N, 5]}.
+                props = {_parse_key(props_src, k): np.asarray(v, np.float32).reshape(-1, 5)
+                         for k, v in proposals.items()}
                 props = {k: v[v[:, 4] >= proposal_threshold] for k, v in props.items()}
 
-        # Each item: (video_id, timestamp, norm boxes [L,4], label-id tuples, scores [L], source, line).
+        # Each item: (video_id, timestamp, norm boxes [L,4], label-id tuples, scores [L], source "file:line").
         self.items: list[tuple] = []
         keys = list(gt) if annotation_csv is not None else list(props)
         for key in keys:
             if key in excluded:
                 continue
             boxes_here = gt.get(key, [])
-            line = boxes_here[0].line if boxes_here else 0
-            src = self.annotation_csv if boxes_here else props_src
+            # Where the keyframe came from, for error messages: the annotation line, else the proposal key.
+            src = f"{self.annotation_csv}:{boxes_here[0].line}" if boxes_here else \
+                f"{props_src}: key '{key[0]},{key[1]:04d}'"
             if props is None:
                 norm = np.array([b.box for b in boxes_here], np.float32).reshape(-1, 4)
                 labels = [b.labels for b in boxes_here]
@@ -203,22 +208,22 @@ class AVADataset(Dataset):
                     labels = [boxes_here[j].labels if iou[i, j] >= 0.5 else () for i, j in enumerate(best)]
             if len(norm) == 0:
                 continue
-            self.items.append((key[0], key[1], norm, labels, scores, src, line))
+            self.items.append((key[0], key[1], norm, labels, scores, src))
 
         # Frame counts per video; an unknown video is reported at the first line that names it.
         self.video_lengths: dict[str, int] = dict(video_lengths or {})
-        for vid, ts, _, _, _, src, line in self.items:
+        for vid, ts, _, _, _, src in self.items:
             if vid not in self.video_lengths:
                 n = count_frames(self.frame_root, vid, frame_pattern, frame_start)
                 if n == 0:
                     raise FileNotFoundError(
-                        f"{src}:{line}: unknown video {vid!r}: its first frame "
+                        f"{src}: unknown video {vid!r}: its first frame "
                         f"{frame_path(self.frame_root, vid, 0, frame_pattern, frame_start)} does not exist")
                 self.video_lengths[vid] = n
             c = keyframe_index(ts, fps, video_start_sec)
             if not 0 <= c < self.video_lengths[vid]:
                 raise FileNotFoundError(
-                    f"{src}:{line}: keyframe {vid},{ts:04d} is frame index {c}, outside video {vid!r} which "
+                    f"{src}: keyframe {vid},{ts:04d} is frame index {c}, outside video {vid!r} which "
                     f"has frames 0..{self.video_lengths[vid] - 1} "
                     f"({frame_path(self.frame_root, vid, max(c, 0), frame_pattern, frame_start)} missing)")
 
@@ -238,7 +243,7 @@ class AVADataset(Dataset):
 
     def load_frames(self, index: int) -> np.ndarray:
         """``uint8[T, H, W, 3]`` RGB frames of item ``index`` (repeated indices decoded once)."""
-        vid, ts, *_, src, line = self.items[index]
+        vid, ts, *_, src = self.items[index]
         idx = self.frame_indices(index)
         decoded: dict[int, np.ndarray] = {}
         shape = None
@@ -246,7 +251,7 @@ class AVADataset(Dataset):
             if i in decoded:
                 continue
             path = frame_path(self.frame_root, vid, i, self.frame_pattern, self.frame_start)
-            where = f"frame index {i} of video {vid!r}, needed by keyframe {vid},{ts:04d} of {src}:{line}"
+            where = f"frame index {i} of video {vid!r}, needed by keyframe {vid},{ts:04d} of {src}"
             try:
                 with Image.open(path) as im:
                     arr = np.asarray(im.convert("RGB"))
@@ -263,7 +268,7 @@ class AVADataset(Dataset):
         return np.stack([decoded[i] for i in idx.tolist()])
 
     def __getitem__(self, index: int) -> dict:
-        vid, ts, norm, labels, scores, _, _ = self.items[index]
+        vid, ts, norm, labels, scores, _ = self.items[index]
         frames = self.load_frames(index)
         h, w = frames.shape[1:3]
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W], 0..255
