@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from stssa.models import (CheckpointShapeError, I3D, I3DConfig, STSSAHead, BaselineHead, build_model,
+from stssa.models import (CheckpointShapeError, I3D, I3DConfig, STSSAHead, BaselineHead, build_head, build_model,
                           load_backbone)
 from stssa.models.ops import available
 from stssa.utils import CONFIG_DIR, load_config
@@ -89,25 +89,36 @@ def test_tiny_backbone_forward_backward_and_freeze_bn():
 
 
 # ------------------------------------------------------------------------------------- named configs
-@pytest.mark.parametrize("name", ABLATION_CONFIGS)
-def test_named_config_full_shapes(name):
-    """Every ablation config at the paper's shapes (on the meta device: no memory, no compute)."""
-    cfg = load_config(name)
+def test_full_detector_shapes_at_paper_size():
+    """The full model of the paper (I3D-R50 + 2-layer STSSA head, 2048-d) at 32x256x256, on the meta device."""
+    cfg = load_config("stssa_ssfa_tsfa_gap2048_2l_ln")
     with torch.device("meta"):
         model = build_model(cfg["model"], use_fused=False, load_pretrained=False)
         logits = model(torch.empty(2, 3, 32, 256, 256), torch.empty(5, 5))
     assert tuple(logits.shape) == (5, 80)
-    head = cfg["model"]["head"]
-    if head["type"] == "stssa":
-        assert isinstance(model.head, STSSAHead)
-        assert len(model.head.blocks) == head["num_layers"] * len(head["axes"])
-        assert [b.axis for b in model.head.blocks[:len(head["axes"])]] == head["axes"]
-        q = model.head.blocks[0].proj["slow"]["q"]
-        assert tuple(q.weight.shape) == (head["embed_dim"], 2048, 7, 1, 1)
-        assert model.head.pool == head["pool"]
-        assert all((b.norm is not None) == head["layernorm"] for b in model.head.blocks)
+
+
+@pytest.mark.parametrize("name", ABLATION_CONFIGS)
+def test_named_config_full_shapes(name):
+    """Every ablation config's head at the paper's shapes (res5 map [2, 2048, 16, 16, 16], stride 16) on
+    the meta device (no memory, no compute)."""
+    cfg = load_config(name)
+    with torch.device("meta"):
+        head = build_head(cfg["model"]["head"], 2048, 1 / 16, 80, use_fused=False)
+        logits = head(torch.empty(2, 2048, 16, 16, 16), torch.empty(5, 5))
+    assert tuple(logits.shape) == (5, 80)
+    spec = cfg["model"]["head"]
+    if spec["type"] == "stssa":
+        assert isinstance(head, STSSAHead)
+        assert len(head.blocks) == spec["num_layers"] * len(spec["axes"])
+        assert [b.axis for b in head.blocks[:len(spec["axes"])]] == spec["axes"]
+        q = head.blocks[0].proj["slow"]["q"]
+        assert tuple(q.weight.shape) == (spec["embed_dim"], 2048, 7, 1, 1)
+        assert tuple(head.blocks[0].proj["fast"]["v"].weight.shape) == (2048, 2048, 1, 1, 1)
+        assert head.pool == spec["pool"]
+        assert all((b.norm is not None) == spec["layernorm"] for b in head.blocks)
     else:
-        assert isinstance(model.head, BaselineHead)
+        assert isinstance(head, BaselineHead) and head.pool == "max"
 
 
 @pytest.mark.parametrize("name", ABLATION_CONFIGS)
