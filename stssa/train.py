@@ -333,8 +333,12 @@ class Trainer:
         if self.tb is not None:
             step = row.get("step", row.get("epoch"))
             for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{Path(fname).stem}/{k}", v, step)
+                if k in ("step", "epoch"):
+                    continue
+                try:
+                    self.tb.add_scalar(f"{Path(fname).stem}/{k}", float(v), step)
+                except (TypeError, ValueError):
+                    pass
 
     # --- training ------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batches: EpochBatches) -> DataLoader:

@@ -123,7 +123,11 @@ def test_short_run_loss_falls_and_evaluates(synthetic, tmp_path):
     ev = _rows(out / "eval.csv")
     assert [int(r["epoch"]) for r in ev] == [4] and float(ev[0]["frame_mAP"]) == pytest.approx(result["mAP"])
     assert len(_rows(out / "metrics.csv")) == 4 * spe
-    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    tb_loss = [e.value for e in tb.Scalars("metrics/loss")]
+    assert tb_loss == pytest.approx(losses, rel=1e-6) and "eval/frame_mAP" in tb.Tags()["scalars"]
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
     # Checkpoint round trip: a fresh model with the checkpoint's weights gives the same logits.
