@@ -1,0 +1,484 @@
+"""``attention3d``: SAGAN-style self-attention over the spatial, temporal or joint axis of a video map.
+
+Registration (``torch.ops.stssa``):
+
+* ``attention3d(q, k, v, axis, heads, scale, residual?, gamma?) -> (out, lse, attn)``: ``out`` is the
+  result; ``lse`` ([sequences, heads, L] fp32 logsumexp, or the backend's own layout of it) and
+  ``attn`` (the pre-epilogue attention output in sequence layout, empty when the backward does not
+  need it) are saved for the backward.
+* ``_attention3d_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma?) -> (dq, dk, dv, dgamma)``
+  (``dgamma`` is empty without gamma; the residual's gradient is ``grad_out`` itself).
+
+Both are ``torch.library.custom_op`` s with fake kernels, so ``torch.compile(fullgraph=True)`` traces
+through them as opaque calls, and ``register_autograd`` connects them.
+
+Dispatch is data (``DISPATCH``): the first rule matching (device, arch, dtype, axis, sequence length)
+whose implementation supports the shapes runs. Implementations:
+
+* ``triton``: the fused kernels of ``stssa_kernels.triton.attention3d`` (packed for short sequences,
+  flash-style for long ones), reading q/k/v in place; also taken for CPU tensors when
+  ``TRITON_INTERPRET=1`` so the same tests exercise the GPU kernels without a GPU.
+* ``torch``: PyTorch's own kernels on permuted views: the fused CPU flash-attention kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, what
+  ``F.scaled_dot_product_attention`` runs on CPU) when Dk == Dv, else batched ``baddbmm``/softmax/
+  ``bmm`` in blocks of queries (what SDPA's math backend does, without the O(L^2) autograd graph).
+  No Python loop over sequences.
+* ``sdpa_efficient``: CUDA, PyTorch's memory-efficient (CUTLASS) attention on contiguous permuted
+  copies. Chosen on sm_75 for long fp16 sequences: Triton 3.8 lowers ``tl.dot`` to FFMA there
+  (measured with ``compile_check``: no HMMA on sm_75), so compute-bound shapes (full axis, large
+  frames) are faster on the tensor cores of the CUTLASS kernel even after paying the permute copies,
+  while the short, memory-bound sequences (temporal axis, 7x7 RoI frames) stay on Triton, whose
+  in-place reads avoid those copies. The crossover (L >= 256) is an estimate from arithmetic
+  intensity vs the RTX Titan's FFMA ridge (16.3 TFLOP/s / 672 GB/s ~ 24 flop/byte), UNMEASURED until
+  ``benchmarks/attn3d.py`` runs on an sm_75 GPU; change the table then.
+
+GPU rules are unmeasured (no GPU was available when they were written); the CPU rule was measured
+with ``benchmarks/attn3d.py`` (results under ``benchmarks/results/``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..reference.attention3d import AXES, attention3d_ref, seq_as_6d, to_seq
+from ..triton import attention3d as _tk
+
+__all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "explain"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Architecture whose Triton tile tables are used for CPU tensors under TRITON_INTERPRET=1
+#: (tests set it to 75 to exercise the sm_75 tiles).
+INTERPRET_ARCH = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One row of the dispatch table; empty tuples match anything."""
+    impl: str                       # "triton" | "torch" | "sdpa_efficient"
+    device: str = ""                # "cpu" | "cuda" | "" (any)
+    archs: tuple = ()               # arch families (75, 80, 90) for cuda
+    dtypes: tuple = ()
+    axes: tuple = ()
+    min_len: int = 0                # sequence-length regime [min_len, max_len]
+    max_len: int = 1 << 62
+    interpret: Optional[bool] = None  # match only with / without TRITON_INTERPRET=1
+    note: str = ""
+
+
+DISPATCH: tuple[Rule, ...] = (
+    Rule("torch", dtypes=(torch.float64,), note="float64: no Triton fp64 dot; PyTorch kernels"),
+    Rule("triton", device="cpu", interpret=True, note="TRITON_INTERPRET=1: GPU kernels on CPU tensors"),
+    Rule("torch", device="cpu", note="CPU: PyTorch flash-attention CPU kernel / blocked bmm (measured)"),
+    Rule("sdpa_efficient", device="cuda", archs=(75,), dtypes=(torch.float16,), axes=("full", "spatial"),
+         min_len=256, note="sm_75 FFMA tl.dot: long fp16 sequences on CUTLASS tensor cores (UNMEASURED)"),
+    Rule("triton", device="cuda", note="fused Triton kernels, in-place strided reads (UNMEASURED tiles)"),
+    Rule("torch", note="fallback (shapes the fused kernels do not take, e.g. Dk/heads > 256 with long L)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    rule: int
+    impl: str  # "triton" | "torch" | "sdpa_efficient"
+    plan: Optional[_tk.Plan] = None
+
+    @property
+    def kernel(self) -> str:
+        return f"triton-{self.plan.kind}" if self.plan is not None else self.impl
+
+    def describe(self) -> str:
+        r = DISPATCH[self.rule]
+        what = self.plan.describe() if self.plan is not None else self.impl
+        return f"rule {self.rule} ({r.note}): {what}"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cc(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return INTERPRET_ARCH
+
+
+def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
+    """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
+    dev = q.device.type
+    cc = _cc(q.device)
+    fam = _tk.arch_family(cc)
+    _, L = _tk.seq_count_and_length(q.shape, axis)
+    dk, dv = q.shape[1] // heads, v.shape[1] // heads
+    for i, r in enumerate(DISPATCH):
+        if (r.device and r.device != dev) or (r.dtypes and q.dtype not in r.dtypes) \
+                or (r.axes and axis not in r.axes) or not (r.min_len <= L <= r.max_len) \
+                or (r.interpret is not None and r.interpret != _interpret()) \
+                or (r.archs and (dev != "cuda" or fam not in r.archs)):
+            continue
+        if r.impl == "triton":
+            p = _tk.plan(cc, L, dk, dv)
+            if p is not None:
+                return Choice(i, "triton", p)
+        elif r.impl == "sdpa_efficient":
+            if dk == dv and dk % 8 == 0 and dk <= 128:
+                return Choice(i, r.impl)
+        else:
+            return Choice(i, r.impl)
+    raise AssertionError("DISPATCH must end with a catch-all rule")
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
+    """Human-readable dispatch entry for these inputs (printed by the benchmark)."""
+    return select(q, k, v, axis, heads).describe()
+
+
+def _saves_attn(c: Choice, epilogue: bool) -> bool:
+    """Whether the forward returns the pre-epilogue attention output for the backward."""
+    if c.impl == "sdpa_efficient":
+        return True  # its backward wants the output in its own sequence layout
+    if c.impl == "triton" and c.plan.kind == "packed":
+        return False  # delta = rowsum(P * dP) from complete rows inside the kernel
+    return epilogue
+
+
+def _needs_out(c: Choice, epilogue: bool) -> bool:
+    return not epilogue and not (c.impl == "triton" and c.plan.kind == "packed") and c.impl != "sdpa_efficient"
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch implementations (CPU, fp64, sm_75 long sequences)
+# ---------------------------------------------------------------------------------------------------
+
+# Score elements one block of the blocked math path may hold (fp32: 256 MiB).
+_MATH_BLOCK_ELEMS = 1 << 26
+
+
+def _write_back(dst: Tensor, y_seq: Tensor, axis: str, heads: int) -> Tensor:
+    """Copy a [N, heads, L, d] tensor into the [B, heads*d, T, H, W] tensor ``dst`` (one strided copy)."""
+    dst.unflatten(1, (heads, -1)).copy_(seq_as_6d(y_seq, axis, dst.shape))
+    return dst
+
+
+def _epilogue_into(out: Tensor, attn_seq: Tensor, axis: str, heads: int, residual, gamma) -> Tensor:
+    a6 = seq_as_6d(attn_seq, axis, out.shape)
+    o6 = out.unflatten(1, (heads, -1))
+    if residual is None and gamma is None:
+        o6.copy_(a6)
+    elif residual is None:
+        torch.mul(a6, gamma.to(out.dtype), out=o6)
+    elif gamma is None:
+        torch.add(residual.unflatten(1, (heads, -1)), a6, out=o6)
+    else:
+        torch.addcmul(residual.unflatten(1, (heads, -1)), gamma.to(out.dtype), a6, out=o6)
+    return out
+
+
+def _cpu_flash_ok(q: Tensor, v: Tensor, heads: int) -> bool:
+    return q.device.type == "cpu" and q.shape[1] == v.shape[1]
+
+
+def _math_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _math_forward(qs, ks, vs, scale):
+    """Blocked softmax(q k^T) v over query blocks (bounded memory); returns (out, lse)."""
+    N, h, L, _ = qs.shape
+    ct = _math_dtype(qs.dtype)
+    qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
+    out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
+    lse = torch.empty((N * h, L), dtype=torch.float32, device=qs.device)
+    step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    for i in range(0, L, step):  # one iteration unless the scores would exceed the block budget
+        s = torch.bmm(qf[:, i:i + step], kf.transpose(1, 2)).mul_(scale)
+        m = torch.logsumexp(s, dim=-1, keepdim=True)
+        s.sub_(m).exp_()
+        torch.bmm(s, vf, out=out[:, i:i + step])
+        lse[:, i:i + step] = m.squeeze(-1)
+    return out.to(qs.dtype).unflatten(0, (N, h)), lse.unflatten(0, (N, h))
+
+
+def _math_backward(dos, qs, ks, vs, os_, lse, scale):
+    N, h, L, _ = qs.shape
+    ct = _math_dtype(qs.dtype)
+    qf, kf, vf, dof, of = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dos, os_))
+    lf = lse.flatten(0, 1).to(ct)
+    delta = (dof * of).sum(-1)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    for i in range(0, L, step):
+        sl = slice(i, i + step)
+        p = torch.baddbmm(-lf[:, sl, None], qf[:, sl], kf.transpose(1, 2), alpha=scale).exp_()
+        dv.baddbmm_(p.transpose(1, 2), dof[:, sl])
+        ds = torch.bmm(dof[:, sl], vf.transpose(1, 2)).sub_(delta[:, sl, None]).mul_(p)
+        torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
+        dk.baddbmm_(ds.transpose(1, 2), qf[:, sl], alpha=scale)
+    return tuple(t.to(qs.dtype).unflatten(0, (N, h)) for t in (dq, dk, dv))
+
+
+def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn):
+    qs, ks, vs = (to_seq(t, axis, heads) for t in (q, k, v))
+    if _cpu_flash_ok(q, v, heads):
+        attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, False, scale=scale)
+    else:
+        attn, lse = _math_forward(qs, ks, vs, scale)
+    out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
+    return out, lse, (attn if save_attn else q.new_empty(0))
+
+
+def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
+    qs, ks, vs, dos = (to_seq(t, axis, heads) for t in (q, k, v, grad_out))
+    os_ = o if o.dim() == 4 else to_seq(o, axis, heads)
+    dgamma = None
+    if gamma is not None:
+        dgamma = torch.sum(dos.to(torch.float32) * os_.to(torch.float32))
+        dos = dos * gamma.to(dos.dtype)
+    if _cpu_flash_ok(q, v, heads):
+        dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dos, qs, ks, vs, os_, lse, 0.0, False, scale=scale)
+    else:
+        dqs, dks, dvs = _math_backward(dos, qs, ks, vs, os_, lse, scale)
+    grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
+    return (*grads, dgamma)
+
+
+def _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma):
+    qs, ks, vs = (to_seq(t, axis, heads).contiguous() for t in (q, k, v))
+    attn, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qs, ks, vs, None, True, 0.0, False, scale=scale)
+    out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
+    return out, lse, attn
+
+
+def _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
+    qs, ks, vs = (to_seq(t, axis, heads).contiguous() for t in (q, k, v))
+    dos = to_seq(grad_out, axis, heads)
+    dgamma = None
+    if gamma is not None:
+        dgamma = torch.sum(dos.to(torch.float32) * o.to(torch.float32))
+        dos = dos * gamma.to(dos.dtype)
+    # dropout_p = 0: the philox seed/offset are never read
+    seed = torch.zeros((), dtype=torch.int64)
+    dqs, dks, dvs, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dos.contiguous(), qs, ks, vs, None, o, lse, seed, seed, 0.0, [True, True, True, False], False, scale=scale)
+    grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
+    return (*grads, dgamma)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("stssa::attention3d", mutates_args=())
+def _attention3d_op(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int, scale: float,
+                    residual: Optional[Tensor], gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    c = select(q, k, v, axis, heads)
+    if c.impl == "triton":
+        g32 = gamma.reshape(()).to(torch.float32) if gamma is not None else None
+        out, lse, attn = _tk.forward(q, k, v, axis, heads, scale, residual, g32, c.plan)
+        return out, lse, (attn if attn is not None else q.new_empty(0))
+    return _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma)
+
+
+@_attention3d_op.register_fake
+def _attention3d_fake(q, k, v, axis, heads, scale, residual, gamma):
+    c = select(q, k, v, axis, heads)
+    if c.impl != "triton":  # PyTorch implementations: their aten ops carry their own fake kernels
+        return _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma)
+    nseq, L = _tk.seq_count_and_length(q.shape, axis)
+    out = torch.empty_like(v)
+    lse = q.new_empty((nseq, heads, L), dtype=torch.float32)
+    if _saves_attn(c, residual is not None or gamma is not None):
+        attn = v.new_empty((nseq, heads, L, v.shape[1] // heads))
+    else:
+        attn = q.new_empty(0)
+    return out, lse, attn
+
+
+def _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma):
+    if c.impl == "sdpa_efficient":
+        return _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma)
+    return _torch_forward(q, k, v, axis, heads, scale, residual, gamma,
+                          _saves_attn(c, residual is not None or gamma is not None))
+
+
+@torch.library.custom_op("stssa::_attention3d_backward", mutates_args=())
+def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                             axis: str, heads: int, scale: float,
+                             gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``o``: the attention output delta is taken from ([N, heads, L, dv] saved attn, or the 5-D output
+    when there is no epilogue), empty where the kernel recomputes delta itself."""
+    c = select(q, k, v, axis, heads)
+    if c.impl == "triton":
+        g32 = gamma.reshape(()).to(torch.float32) if gamma is not None else None
+        dq, dk, dv, dg = _tk.backward(grad_out, q, k, v, o, lse, axis, heads, scale, g32, c.plan)
+    elif c.impl == "sdpa_efficient":
+        dq, dk, dv, dg = _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma)
+    else:
+        dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma)
+    dgamma = dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else q.new_empty(0)
+    return dq, dk, dv, dgamma
+
+
+@_attention3d_backward_op.register_fake
+def _attention3d_backward_fake(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
+    dgamma = torch.empty_like(gamma) if gamma is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, axis, heads, scale, residual, gamma = inputs
+    out, lse, attn = output
+    c = select(q, k, v, axis, heads)
+    epilogue = residual is not None or gamma is not None
+    if attn.numel() or _saves_attn(c, epilogue):
+        o = attn
+    elif _needs_out(c, epilogue):
+        o = out
+    else:
+        o = None
+    ctx.save_for_backward(q, k, v, o, lse, gamma)
+    ctx.axis, ctx.heads, ctx.scale = axis, heads, scale
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(lse, attn)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_attn):
+    q, k, v, o, lse, gamma = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
+    if o is None:
+        o = q.new_empty(0)
+    dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(
+        grad_out, q, k, v, o, lse, ctx.axis, ctx.heads, ctx.scale, gamma)
+    dres = grad_out if ctx.has_residual else None
+    return dq, dk, dv, None, None, None, dres, (dgamma if gamma is not None else None)
+
+
+_attention3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Under autocast the op runs in the autocast dtype (inputs are cast before dispatch, like a matmul).
+if hasattr(torch.library, "register_autocast"):
+    torch.library.register_autocast("stssa::attention3d", "cuda", torch.float16)
+    torch.library.register_autocast("stssa::attention3d", "cpu", torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python API
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, axis, heads, scale, residual, gamma) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention3d: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(f"attention3d: {name} must be 5-D [B, D, T, H, W], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"attention3d: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention3d: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention3d: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != q.shape:
+        raise ValueError(f"attention3d: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[0] != q.shape[0] or v.shape[2:] != q.shape[2:]:
+        raise ValueError(f"attention3d: v must be [B, Dv, T, H, W] with q's B, T, H, W {tuple(q.shape[:1] + q.shape[2:])}, "
+                         f"got {tuple(v.shape)}")
+    if axis not in AXES:
+        raise ValueError(f"attention3d: axis must be one of {AXES}, got {axis!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"attention3d: heads must be a positive int, got {heads!r}")
+    if q.shape[1] % heads or v.shape[1] % heads:
+        raise ValueError(f"attention3d: heads={heads} must divide Dk={q.shape[1]} and Dv={v.shape[1]}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"attention3d: scale must be a finite float or None, got {scale!r}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"attention3d: residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != v.shape or residual.dtype != v.dtype or residual.device != v.device:
+            raise ValueError(f"attention3d: residual must match v ({tuple(v.shape)}, {v.dtype}, {v.device}), got "
+                             f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
+    if gamma is not None:
+        if not isinstance(gamma, Tensor):
+            raise TypeError(f"attention3d: gamma must be a one-element Tensor or None, got {type(gamma).__name__}")
+        if gamma.numel() != 1 or not gamma.is_floating_point() or gamma.device != q.device:
+            raise ValueError(f"attention3d: gamma must be a one-element float tensor on {q.device}, got shape "
+                             f"{tuple(gamma.shape)}, {gamma.dtype}, {gamma.device}")
+
+
+def attention3d(q: Tensor, k: Tensor, v: Tensor, axis: str, *, heads: int = 1, scale: float | None = None,
+                residual: Tensor | None = None, gamma: Tensor | None = None) -> Tensor:
+    """Fused self-attention over one axis of a video feature map.
+
+    Args:
+        q, k: ``[B, Dk, T, H, W]``; v: ``[B, Dv, T, H, W]`` - any strides (contiguous,
+            ``channels_last_3d``, slices), read where they lie. fp16, bf16, fp32 (fp32 accumulation and
+            softmax statistics) or fp64.
+        axis: ``"spatial"`` (each frame's H*W positions attend to each other: B*T sequences),
+            ``"temporal"`` (each position's T frames: B*H*W sequences) or ``"full"`` (all T*H*W: B sequences).
+        heads: splits Dk and Dv into ``heads`` groups of channels (head i: channels [i*D/heads, (i+1)*D/heads)).
+        scale: logit scale, default ``(Dk / heads) ** -0.5``; SAGAN's unscaled form is ``scale=1.0``.
+        residual: optional ``[B, Dv, T, H, W]`` (v's dtype), added in the same kernel.
+        gamma: optional one-element tensor (SAGAN's learnable scalar) multiplying the attention.
+    Returns:
+        ``[B, Dv, T, H, W]`` (laid out like v) = ``residual + gamma * softmax(scale q^T k) v`` per head.
+    Differentiable w.r.t. q, k, v, residual and gamma; the backward is deterministic.
+    """
+    _check(q, k, v, axis, heads, scale, residual, gamma)
+    if scale is None:
+        scale = (q.shape[1] // heads) ** -0.5
+    return torch.ops.stssa.attention3d(q, k, v, axis, heads, float(scale), residual, gamma)[0]
+
+
+class Attention3d(nn.Module):
+    """Module form of :func:`attention3d` (no parameters): ``forward(q, k, v, residual=None, gamma=None)``."""
+
+    def __init__(self, axis: str, heads: int = 1, scale: float | None = None, use_fused: bool = True):
+        super().__init__()
+        if axis not in AXES:
+            raise ValueError(f"Attention3d: axis must be one of {AXES}, got {axis!r}")
+        self.axis, self.heads, self.scale, self.use_fused = axis, heads, scale, use_fused
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, residual: Tensor | None = None,
+                gamma: Tensor | None = None) -> Tensor:
+        if self.use_fused:
+            return attention3d(q, k, v, self.axis, heads=self.heads, scale=self.scale, residual=residual, gamma=gamma)
+        return attention3d_ref(q, k, v, self.axis, self.heads, self.scale, residual, gamma)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis!r}, heads={self.heads}, scale={self.scale}, use_fused={self.use_fused}"
+
+
+class SelfAttention3d(nn.Module):
+    """SAGAN self-attention block on a video map (the SSFA / TSFA unit of STSSA).
+
+    ``x [B, C, T, H, W] -> x + gamma * attention3d(Wq x, Wk x, Wv x)`` with 1x1x1 convolutions
+    ``Wq, Wk: C -> key_channels`` (default C // 8), ``Wv: C -> C`` and ``gamma`` initialised to 0, so the
+    block starts as the identity. The residual and gamma are applied inside the fused kernel.
+    """
+
+    def __init__(self, channels: int, axis: str, key_channels: int | None = None, heads: int = 1,
+                 scale: float | None = 1.0, use_fused: bool = True):
+        super().__init__()
+        key_channels = key_channels or max(1, channels // 8)
+        self.query = nn.Conv3d(channels, key_channels, 1)
+        self.key = nn.Conv3d(channels, key_channels, 1)
+        self.value = nn.Conv3d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+        self.attn = Attention3d(axis, heads, scale, use_fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.value(x)
+        # under autocast the projections run in half precision; the residual follows them
+        return self.attn(self.query(x), self.key(x), v, residual=x.to(v.dtype), gamma=self.gamma)
