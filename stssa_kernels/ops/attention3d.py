@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..reference.attention3d import AXES, attention3d_ref, seq_as_6d, to_seq
 from ..triton import attention3d as _tk
 
-__all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "explain"]
+__all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Architecture whose Triton tile tables are used for CPU tensors under TRITON_INTERPRET=1
@@ -108,18 +108,17 @@ def _cc(device: torch.device) -> int:
     return INTERPRET_ARCH
 
 
-def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
-    """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
-    dev = q.device.type
-    cc = _cc(q.device)
+def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: int, dv: int,
+               interpret: bool = False) -> Choice:
+    """First rule of ``DISPATCH`` matching (device type, arch, dtype, axis, sequence length) whose
+    implementation takes the head dims (dk, dv). ``cc``: compute capability (e.g. 75), for the Triton
+    tile tables also on CPU under the interpreter."""
     fam = _tk.arch_family(cc)
-    _, L = _tk.seq_count_and_length(q.shape, axis)
-    dk, dv = q.shape[1] // heads, v.shape[1] // heads
     for i, r in enumerate(DISPATCH):
-        if (r.device and r.device != dev) or (r.dtypes and q.dtype not in r.dtypes) \
+        if (r.device and r.device != device) or (r.dtypes and dtype not in r.dtypes) \
                 or (r.axes and axis not in r.axes) or not (r.min_len <= L <= r.max_len) \
-                or (r.interpret is not None and r.interpret != _interpret()) \
-                or (r.archs and (dev != "cuda" or fam not in r.archs)):
+                or (r.interpret is not None and r.interpret != interpret) \
+                or (r.archs and (device != "cuda" or fam not in r.archs)):
             continue
         if r.impl == "triton":
             p = _tk.plan(cc, L, dk, dv)
@@ -131,6 +130,13 @@ def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
         else:
             return Choice(i, r.impl)
     raise AssertionError("DISPATCH must end with a catch-all rule")
+
+
+def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
+    """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
+    _, L = _tk.seq_count_and_length(q.shape, axis)
+    return select_for(q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads,
+                      _interpret())
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
@@ -183,6 +189,12 @@ def _cpu_flash_ok(q: Tensor, v: Tensor, heads: int) -> bool:
     return q.device.type == "cpu" and q.shape[1] == v.shape[1]
 
 
+def _unit_last(t: Tensor) -> Tensor:
+    # the aten CPU flash kernels index the head dim as if its stride were 1 (the public SDPA copies
+    # such inputs first); the "full"-axis view of an NCTHW map has stride T*H*W there
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _math_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -227,7 +239,8 @@ def _math_backward(dos, qs, ks, vs, os_, lse, scale):
 def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn):
     qs, ks, vs = (to_seq(t, axis, heads) for t in (q, k, v))
     if _cpu_flash_ok(q, v, heads):
-        attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, False, scale=scale)
+        attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _unit_last(qs), _unit_last(ks), _unit_last(vs), 0.0, False, scale=scale)
     else:
         attn, lse = _math_forward(qs, ks, vs, scale)
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
@@ -243,7 +256,7 @@ def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
         dos = dos * gamma.to(dos.dtype)
     if _cpu_flash_ok(q, v, heads):
         dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dos, qs, ks, vs, os_, lse, 0.0, False, scale=scale)
+            *(_unit_last(t) for t in (dos, qs, ks, vs, os_)), lse, 0.0, False, scale=scale)
     else:
         dqs, dks, dvs = _math_backward(dos, qs, ks, vs, os_, lse, scale)
     grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]

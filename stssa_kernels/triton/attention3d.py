@@ -204,7 +204,7 @@ def _attn3d_bwd_packed(
         s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
     lse2 = tl.load(LSE + gs.to(tl.int64) * L + n, mask=ok, other=0.0) * 1.4426950408889634
     same = (g[:, None] == g[None, :]) & ok[None, :]
-    p = tl.where(same, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    p = tl.exp2(tl.where(same, s * qk_scale - lse2[:, None], float("-inf")))  # no overflow off the blocks
 
     if HAS_GAMMA:
         gamma = tl.load(GAMMA).to(tl.float32)
