@@ -189,17 +189,31 @@ def _assert_within(err_fused: float, err_torch: float, what: str, floor: float) 
     assert err_fused <= 2 * err_torch + floor, f"{what}: fused error {err_fused:.3g} > 2 x PyTorch's {err_torch:.3g} + {floor:g}"
 
 
-@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
-@pytest.mark.parametrize("head", [
+STSSA_HEADS = [
     {"type": "stssa", "axes": ["spatial", "temporal"], "num_layers": 2, "embed_dim": 8, "layernorm": True, "pool": "avg"},
     {"type": "stssa", "axes": ["temporal"], "num_layers": 1, "embed_dim": 16, "pool": "max", "heads": 2},
-])
-def test_stssa_fused_matches_reference_float64(head):
-    cfg = {"backbone": TINY_BACKBONE, "head": head}
-    r = _fused_vs_reference(cfg, torch.float64, seed=3)
-    torch.testing.assert_close(r[True][0], r[False][0], rtol=1e-9, atol=1e-11)
+]
+
+
+@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+@pytest.mark.parametrize("head", STSSA_HEADS)
+def test_stssa_fused_matches_reference_float64_forward(head):
+    r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": head}, torch.float64, seed=3)
+    torch.testing.assert_close(r[True][0], r[False][0], rtol=1e-12, atol=1e-14)
+
+
+# Known defect of the fused attention3d at the time of writing (2026-11-25): with Dk != Dv (the STSSA head's
+# Q/K width differs from V's) the CPU path keeps the softmax log-sum-exp in a float32 buffer and computes
+# d(gamma) in float32 even for float64 inputs (stssa_kernels/ops/attention3d.py, `_math_forward`'s `lse` and
+# `_torch_backward`'s `dgamma`), so float64 gradients differ from the reference by ~1e-7 relative instead of
+# ~1e-15. Strict: this test starts failing (XPASS) once the op is fixed -- then remove the marker.
+@pytest.mark.xfail(strict=True, reason="attention3d float64 backward is float32-accurate (lse and dgamma in fp32)")
+@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+@pytest.mark.parametrize("head", STSSA_HEADS)
+def test_stssa_fused_matches_reference_float64_gradients(head):
+    r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": head}, torch.float64, seed=3)
     for n in r[False][1]:
-        torch.testing.assert_close(r[True][1][n], r[False][1][n], rtol=1e-8, atol=1e-11, msg=n)
+        torch.testing.assert_close(r[True][1][n], r[False][1][n], rtol=1e-10, atol=1e-13, msg=n)
 
 
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
