@@ -16,8 +16,11 @@ Layers of the op:
 * :func:`temporal_proj` (the public function) validates the Conv3d-style arguments, packs the
   weights (differentiably: autograd unpacks the weight gradient), calls the op and returns per
   projection a ``[B, C_out_i, T, H, W]`` view of ``Y``. Output layout: channels-last
-  (``[B, T, H, W, C_out]`` memory, channel stride 1, position stride ``sum N_i``): one contiguous
-  channel vector per position, the token-major layout ``attention3d`` reads Q/K/V tokens from.
+  (``[B, T, H, W, C_out]`` memory, channel stride 1, position stride ``sum N_i``): each token's
+  channel vector is contiguous (the K-major operand of ``Q K^T``, loaded with 16-byte vectors) and the
+  (t, h, w) tokens sit at one uniform stride, so ``attention3d`` (which takes any strides) indexes a
+  token with one multiply on every axis. It is the layout the GEMM writes without a transpose; that
+  it is also the one ``attention3d`` reads fastest is not measured yet (no GPU so far).
 * :class:`TemporalProjection` holds the weights like a list of Conv3d.
 
 Backends (chosen per call by the :data:`DISPATCH` table; the benchmark prints which ran):
@@ -35,7 +38,6 @@ Autocast: like ``conv3d`` (a lower-precision op on both CUDA and CPU autocast li
 the floating inputs are cast to the autocast dtype (fp16/bf16 on CUDA, bf16 on CPU by default) and the
 op runs there with fp32 accumulation.
 """
-from __future__ import annotations
 
 import contextlib
 import dataclasses

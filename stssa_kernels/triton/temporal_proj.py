@@ -18,8 +18,8 @@ Operand layouts (built by ``stssa_kernels.ops.temporal_proj``):
   ``W_i[n, :, j]``, i.e. every tap of every projection is a K-contiguous ``[N_i, C]`` block, the
   nn.Linear layout, which serves as the B operand of the forward (K-major) and of grad-x (N-major).
 * packed output ``Y[M, sum N]`` row-major = ``[B, T, H, W, sum N]``: each projection's output is a
-  column slice, i.e. per position one contiguous channel vector, the layout an attention kernel
-  reads Q/K/V tokens from.
+  column slice, i.e. per position one contiguous channel vector (the row-major GEMM result, stored
+  with 16-byte vectors; attention reads tokens' channel vectors from it).
 
 Padded-tap FLOPs. Concatenating every weight zero-padded to the largest kt (one conv with a
 ``[sum N, C, 7]`` weight) would spend ``7 * sum N`` tap-GEMMs where ``sum_i kt_i N_i`` are needed:

@@ -1,0 +1,211 @@
+"""Benchmark: stssa_kernels.temporal_proj (fused slow/fast Q/K/V projections) vs Conv3d compositions.
+
+    python benchmarks/temporal_proj.py [--device cuda|cpu] [--dtype fp16|bf16|fp32] [--threads 2]
+                                       [--shapes ...] [--repeats N]
+
+Methods, all producing the six projections of one input (slow q, k, v with 7x1x1 kernels, fast q, k, v
+with 1x1x1, zero padding in time):
+  fused          the op as dispatched (the table row that ran is printed and saved);
+  fused[<b>]     the op with backend <b> forced: triton (CUDA sm_80+), gemm, conv;
+  six_conv       six separate Conv3d (``temporal_proj_ref``, the model's use_fused=False path);
+  conv_per_kt    one F.conv3d per kernel size with that size's weights concatenated beforehand (the
+                 best case of the "single call" baseline: no per-call weight concatenation).
+The fused op's per-call weight packing is included in its time. Inputs are contiguous [B, C, T, H, W]
+(what RoIAlign / a Conv3d produce); modes: fwd, and fwd+bwd (grads of x, all weights and biases).
+
+Shapes. GPU (the issue's STSSA shapes): RoI features K=32, C=2048, T=8/16, 7x7 with Q/K width 512 (V
+keeps C=2048) or 2048; backbone map B=8, C=2048, T=16, 16x16. CPU: the same structure at reduced
+sizes (C=256, Q/K 64, V 256), since the full shapes take minutes per call on 2 cores; the CPU rows
+say CPU and are not a statement about GPU speed.
+
+FLOPs are counted as Conv3d counts them, 2 * B*T*H*W * C * sum_i kt_i * C_out_i for the forward
+(padding taps included) and 3x that for fwd+bwd; TFLOP/s and the fraction of the GPU's dense fp16/bf16
+matrix-unit peak (benchmarks/common.py GPU_PEAKS) follow from the median time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_info, print_table, sync, write_results  # noqa: E402
+
+import stssa_kernels  # noqa: E402
+from stssa_kernels.ops import temporal_proj as tp_ops  # noqa: E402
+from stssa_kernels.reference import temporal_proj_ref  # noqa: E402
+
+KT = [7, 7, 7, 1, 1, 1]  # slow q, k, v; fast q, k, v
+
+
+def stssa_out(qk: int, v: int) -> list:
+    return [qk, qk, v, qk, qk, v]
+
+
+GPU_SHAPES = {
+    "roi_t8_e512": dict(B=32, C=2048, T=8, H=7, W=7, out=stssa_out(512, 2048)),
+    "roi_t16_e512": dict(B=32, C=2048, T=16, H=7, W=7, out=stssa_out(512, 2048)),
+    "roi_t16_e2048": dict(B=32, C=2048, T=16, H=7, W=7, out=stssa_out(2048, 2048)),
+    "backbone_t16_e512": dict(B=8, C=2048, T=16, H=16, W=16, out=stssa_out(512, 2048)),
+}
+CPU_SHAPES = {
+    "cpu_roi_t8": dict(B=8, C=256, T=8, H=7, W=7, out=stssa_out(64, 256)),
+    "cpu_roi_t16": dict(B=8, C=256, T=16, H=7, W=7, out=stssa_out(64, 256)),
+    "cpu_backbone_t8": dict(B=2, C=256, T=8, H=8, W=8, out=stssa_out(64, 256)),
+}
+
+
+def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
+    """Median ms of each fn, timing the methods round-robin (one call of each per round) so that a
+    drift in machine load (shared CPU) hits every method alike. Device synchronised around calls."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "repeats": len(v)} for k, v in times.items()}
+
+
+def make_inputs(s: dict, device, dtype, gen):
+    x = torch.randn(s["B"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
+    ws = [(torch.randn(n, s["C"], k, 1, 1, generator=gen) / (s["C"] * k) ** 0.5).to(device, dtype)
+          for n, k in zip(s["out"], KT)]
+    bs = [(0.1 * torch.randn(n, generator=gen)).to(device, dtype) for n in s["out"]]
+    return x, ws, bs
+
+
+def methods(ws, bs, backends):
+    """name -> f(x, ws, bs) returning the six outputs (or per-kt groups)."""
+    groups = {}
+    for i, k in enumerate(KT):
+        groups.setdefault(k, []).append(i)
+    cat_w = {k: torch.cat([ws[i] for i in idx]).detach() for k, idx in groups.items()}
+    cat_b = {k: torch.cat([bs[i] for i in idx]).detach() for k, idx in groups.items()}
+
+    def conv_per_kt(x, ws, bs, cw=None, cb=None):
+        cw, cb = cw or cat_w, cb or cat_b
+        return [F.conv3d(x, cw[k], cb[k], padding=(k // 2, 0, 0)) for k in cw]
+
+    def forced(b):
+        def f(x, ws, bs):
+            with tp_ops.use_backend(b):
+                return stssa_kernels.temporal_proj(x, ws, bs)
+        return f
+
+    ms = {"fused": stssa_kernels.temporal_proj}
+    ms.update({f"fused[{b}]": forced(b) for b in backends})
+    ms["six_conv"] = temporal_proj_ref
+    ms["conv_per_kt"] = conv_per_kt
+    # fwd+bwd of conv_per_kt differentiates its concatenated (leaf) weights, as a model storing them so would
+    leaf_w = {k: v.clone().requires_grad_() for k, v in cat_w.items()}
+    leaf_b = {k: v.clone().requires_grad_() for k, v in cat_b.items()}
+    return ms, (conv_per_kt, leaf_w, leaf_b)
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    info = device_info(device)
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    backends = ["gemm", "conv"]
+    if device.type == "cuda" and tp_ops._tk is not None and tp_ops._cc(device) >= 80 and dtype != torch.float32:
+        backends.insert(0, "triton")
+    peak = info.get("peak_tflops_fp16") if dtype in (torch.float16, torch.bfloat16) else None
+    print(f"device: {info['name']}" + (f" ({info['threads']} threads)" if device.type == "cpu" else "")
+          + f", dtype {args.dtype}" + (", REDUCED CPU shapes" if device.type == "cpu" else ""))
+    gen = torch.Generator().manual_seed(0)
+    rows, routes = [], {}
+    for sname in names:
+        s = shapes[sname]
+        x, ws, bs = make_inputs(s, device, dtype, gen)
+        route = tp_ops.select_backend(x, s["out"])
+        routes[sname] = {"backend": route.backend, "why": route.why}
+        print(f"\n{sname}: {s}  -> dispatched backend '{route.backend}' ({route.why})", flush=True)
+        flop = 2 * s["B"] * s["T"] * s["H"] * s["W"] * s["C"] * sum(k * n for k, n in zip(KT, s["out"]))
+        ms, (cpk, leaf_w, leaf_b) = methods(ws, bs, backends)
+        xr = x.detach().requires_grad_()
+        wr = [w.detach().requires_grad_() for w in ws]
+        br = [b.detach().requires_grad_() for b in bs]
+        # incoming gradients: fresh random tensors (not the stride-0 ones of .sum())
+        gys = [torch.randn(s["B"], n, s["T"], s["H"], s["W"], generator=gen).to(device, dtype) for n in s["out"]]
+        gys_kt = [torch.cat([gys[i] for i, k in enumerate(KT) if k == kk], 1) for kk in dict.fromkeys(KT)]
+        for mode in ("fwd", "fwd+bwd"):
+            fns = {}
+            for name, f in ms.items():
+                if mode == "fwd":
+                    fns[name] = (lambda f=f: f(x, ws, bs))
+                elif name == "conv_per_kt":
+                    fns[name] = (lambda: torch.autograd.backward(cpk(xr, None, None, leaf_w, leaf_b), gys_kt))
+                else:
+                    fns[name] = (lambda f=f: torch.autograd.backward(f(xr, wr, br), gys))
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                res = interleaved(fns, device, args.warmup, args.repeats)
+            mult = 1 if mode == "fwd" else 3
+            best_single = res["conv_per_kt"]["median_ms"]
+            for name, r in res.items():
+                tflops = mult * flop / (r["median_ms"] * 1e-3) / 1e12
+                rows.append({"shape": sname, "mode": mode, "method": name, "median_ms": r["median_ms"],
+                             "min_ms": r["min_ms"], "repeats": r["repeats"], "tflops": tflops,
+                             "peak_frac": tflops / peak if peak else None,
+                             "vs_six_conv": res["six_conv"]["median_ms"] / r["median_ms"],
+                             "vs_conv_per_kt": best_single / r["median_ms"],
+                             "backend": route.backend if name == "fused" else
+                             name[6:-1] if name.startswith("fused[") else "cudnn/onednn"})
+            fused = res["fused"]["median_ms"]
+            print(f"  {mode:8s} fused {fused:9.3f} ms | six_conv x{res['six_conv']['median_ms'] / fused:.2f}"
+                  f" | conv_per_kt x{best_single / fused:.2f}", flush=True)
+            for t in (xr, *wr, *br, *leaf_w.values(), *leaf_b.values()):
+                t.grad = None
+    print()
+    print_table(rows, [("shape", "shape"), ("mode", "mode"), ("method", "method"), ("backend", "backend"),
+                       ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("peak_frac", "of peak"),
+                       ("vs_six_conv", "x six_conv"), ("vs_conv_per_kt", "x conv_per_kt")])
+    path = write_results("temporal_proj", device, {
+        "dtype": args.dtype, "kernel_sizes": KT, "shapes": {k: shapes[k] for k in names},
+        "reduced_cpu_shapes": device.type == "cpu", "repeats": args.repeats, "warmup": args.warmup,
+        "timing": "median of round-robin interleaved calls, device synchronised",
+        "flops": "2*B*T*H*W*C*sum(kt_i*C_out_i) forward, x3 for fwd+bwd",
+        "peak_tflops_matrix": peak, "dispatch": routes, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="default fp16 on CUDA, fp32 on CPU")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--shapes", default=None, help="comma-separated names (default: all for the device)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    args = ap.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.dtype = args.dtype or ("fp32" if cpu else "fp16")
+    args.repeats = args.repeats or (9 if cpu else 30)
+    args.warmup = args.warmup or (1 if cpu else 5)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
