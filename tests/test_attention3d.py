@@ -108,8 +108,9 @@ def test_matches_float64(axis, dtype, layout):
 
 @pytest.mark.parametrize("axis", AXES)
 def test_equal_head_dims_flash_cpu(axis):
-    # Dk == Dv runs PyTorch's fused CPU flash kernel; other tests mostly take the blocked bmm path
-    (q, k, v), r, g = _make((2, 8, 3, 4, 5), 8, torch.float32, epilogue=True)
+    # Dk == Dv and L > CPU_MATH_MAX_LEN runs PyTorch's fused CPU flash kernel
+    (q, k, v), r, g = _make((2, 8, 3, 9, 9), 8, torch.float32, epilogue=True)
+    assert A.select(q, k, v, axis, 1).impl == ("torch_math" if axis == "temporal" else "torch_flash")
     check_against_float64(q, k, v, axis, residual=r, gamma=g)
 
 
@@ -160,9 +161,10 @@ def test_gradcheck_float64(axis):
 
 
 def test_gradcheck_float64_flash_cpu():
-    (q, k, v), _, g = _make((1, 4, 2, 2, 2), 4, torch.float64, epilogue=True)
+    (q, k, v), _, g = _make((1, 4, 3, 5, 5), 4, torch.float64, epilogue=True)
+    assert A.select(q, k, v, "full", 1).impl == "torch_flash"
     args = [t.requires_grad_() for t in (q, k, v, g)]
-    assert torch.autograd.gradcheck(lambda q, k, v, g: attention3d(q, k, v, "full", gamma=g), args)
+    assert torch.autograd.gradcheck(lambda q, k, v, g: attention3d(q, k, v, "full", gamma=g), args, fast_mode=True)
 
 
 def test_gamma_zero_still_trains_gamma():
@@ -221,8 +223,9 @@ def test_autocast_cpu_bfloat16():
 @pytest.mark.parametrize("case", ["flash_cpu", "math_epilogue_channels_last"])
 def test_opcheck(case):
     if case == "flash_cpu":  # Dk == Dv, no epilogue: the backward takes delta from the output
-        (q, k, v), r, g = _make((1, 8, 2, 3, 3), 8, torch.float32)
+        (q, k, v), r, g = _make((1, 8, 1, 9, 8), 8, torch.float32)
         axis, heads = "spatial", 1
+        assert A.select(q, k, v, axis, heads).impl == "torch_flash"
     else:  # Dk != Dv (blocked bmm path), 2 heads, residual + gamma (the saved attention output)
         (q, k, v), r, g = _make((2, 4, 3, 2, 3), 6, torch.float32, "channels_last", epilogue=True)
         axis, heads = "full", 2
@@ -279,14 +282,17 @@ def test_self_attention_module_fused_matches_reference():
 
 
 def test_dispatch_table():
-    f16, f32 = torch.float16, torch.float32
-    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64).impl == "torch"
+    f16, f32, f64 = torch.float16, torch.float32, torch.float64
+    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64).impl == "torch_flash"
+    assert A.select_for("cpu", 80, f32, "full", 4096, 16, 64).impl == "torch_math"
+    assert A.select_for("cpu", 80, f32, "temporal", 8, 64, 64).impl == "torch_math"
     assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).impl == "triton"
-    assert A.select_for("cpu", 80, torch.float64, "full", 49, 64, 64, interpret=True).impl == "torch"
+    assert A.select_for("cpu", 80, f64, "full", 4096, 64, 64, interpret=True).impl == "torch_flash"
+    assert A.select_for("cuda", 90, f64, "full", 4096, 64, 64).impl == "torch_math"
     # sm_75: long fp16 spatial/full sequences go to the CUTLASS kernel, short ones stay on Triton
     assert A.select_for("cuda", 75, f16, "full", 4096, 128, 128).impl == "sdpa_efficient"
     assert A.select_for("cuda", 75, f16, "spatial", 256, 64, 64).impl == "sdpa_efficient"
-    assert A.select_for("cuda", 75, f16, "spatial", 49, 256, 2048).kernel == "triton-flash"
+    assert A.select_for("cuda", 75, f16, "spatial", 49, 256, 2048).impl == "triton"
     assert A.select_for("cuda", 75, f16, "temporal", 8, 64, 512).kernel == "triton-packed"
     assert A.select_for("cuda", 75, f16, "full", 4096, 64, 512).impl == "triton"  # Dk != Dv: not SDPA's
     assert A.select_for("cuda", 75, f32, "full", 4096, 64, 64).impl == "triton"   # fp32: both FFMA
@@ -294,22 +300,33 @@ def test_dispatch_table():
     for cc in (80, 90):
         assert A.select_for("cuda", cc, f16, "full", 4096, 128, 128).kernel == "triton-flash"
         assert A.select_for("cuda", cc, f16, "spatial", 49, 64, 2048).kernel == "triton-packed"
-        assert A.select_for("cuda", cc, f16, "full", 4096, 512, 512).impl == "torch"
+        assert A.select_for("cuda", cc, f16, "full", 4096, 512, 512).impl == "torch_math"
     # every rule's note names what it is; the choice prints with its rule
     assert all(r.note for r in A.DISPATCH)
     assert "rule" in A.select_for("cuda", 90, f16, "temporal", 16, 64, 512).describe()
 
 
 def test_plan_covers_compile_specs():
-    # every tile plan() can return is among the compiled specs of that arch
+    # every (kernel, tile, dtype) plan() can return is among the compiled specs of that arch
     for cc in (75, 80, 90):
-        cfgs = {s.config for s in TK.compile_specs(cc)}
-        for L in (1, 7, 8, 32, 49, 64, 65, 784, 4096):
-            for dk in (8, 64, 100, 128, 256):
-                p = TK.plan(cc, L, dk, 512)
-                tag = (f"fp16 BM={p.block_m} BDK={p.block_dk} BDV={p.block_dv} w{p.num_warps}" if p.kind == "packed"
-                       else f"fp16 BM={p.block_m} BN={p.block_n} BDK={p.block_dk} BDV={p.block_dv} w{p.num_warps}")
-                assert any(c.startswith(tag) for c in cfgs), (cc, L, dk, tag)
+        specs = {(s.name, s.config) for s in TK.compile_specs(cc)}
+        names = {n for n, _ in specs}
+        for dt, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            for L in (1, 7, 8, 32, 49, 64, 65, 784, 4096):
+                for dk in (8, 64, 100, 128, 256):
+                    p = TK.plan(cc, L, dk, 512, dt)
+                    f, b = p.fwd, p.bwd
+                    if p.kind == "packed":
+                        want = [(n, f"{tag} BM={f.block_m} BDK={p.block_dk} BDV={f.block_dv} w{f.num_warps}")
+                                for n in ("attn3d_fwd_packed", "attn3d_bwd_packed")]
+                    else:
+                        fc = f"{tag} BM={f.block_m} BN={f.block_n} BDK={p.block_dk} BDV={f.block_dv} w{f.num_warps}"
+                        bc = f"{tag} BM={b.block_m} BN={b.block_n} BDK={p.block_dk} BDV={b.block_dv} w{b.num_warps}"
+                        want = [("attn3d_fwd_flash", fc), ("attn3d_bwd_dq", bc), ("attn3d_bwd_dkdv", bc + " Dv<=BDV"),
+                                ("attn3d_bwd_dkdv", bc + " wide-Dv")]
+                    for w in want:
+                        assert w in specs, (cc, L, dk, w)
+        assert "attn3d_bwd_delta" in names
 
 
 def test_layout_merging():

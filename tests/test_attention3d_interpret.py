@@ -118,4 +118,4 @@ def test_deterministic_backward():
 
 def test_float64_is_not_sent_to_triton():
     (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float64)
-    assert A.select(q, k, v, "spatial", 1).impl == "torch"
+    assert A.select(q, k, v, "spatial", 1).impl.startswith("torch_")

@@ -18,11 +18,12 @@ whose implementation supports the shapes runs. Implementations:
 * ``triton``: the fused kernels of ``stssa_kernels.triton.attention3d`` (packed for short sequences,
   flash-style for long ones), reading q/k/v in place; also taken for CPU tensors when
   ``TRITON_INTERPRET=1`` so the same tests exercise the GPU kernels without a GPU.
-* ``torch``: PyTorch's own kernels on permuted views: the fused CPU flash-attention kernel
+* ``torch_flash``: PyTorch's fused CPU flash-attention kernel on permuted views
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, what
-  ``F.scaled_dot_product_attention`` runs on CPU) when Dk == Dv, else batched ``baddbmm``/softmax/
-  ``bmm`` in blocks of queries (what SDPA's math backend does, without the O(L^2) autograd graph).
-  No Python loop over sequences.
+  ``F.scaled_dot_product_attention`` runs on CPU); it needs Dk == Dv.
+* ``torch_math``: batched ``bmm``/softmax/``bmm`` on permuted views in blocks of queries (what SDPA's
+  math backend computes, without its O(L^2) autograd graph): CPU short sequences (faster than the
+  flash kernel there, measured), Dk != Dv, float64 on GPUs. No Python loop over sequences.
 * ``sdpa_efficient``: CUDA, PyTorch's memory-efficient (CUTLASS) attention on contiguous permuted
   copies. Chosen on sm_75 for long fp16 sequences: Triton 3.8 lowers ``tl.dot`` to FFMA there
   (measured with ``compile_check``: no HMMA on sm_75), so compute-bound shapes (full axis, large
@@ -59,7 +60,7 @@ INTERPRET_ARCH = 80
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One row of the dispatch table; empty tuples match anything."""
-    impl: str                       # "triton" | "torch" | "sdpa_efficient"
+    impl: str                       # "triton" | "torch_flash" | "torch_math" | "sdpa_efficient"
     device: str = ""                # "cpu" | "cuda" | "" (any)
     archs: tuple = ()               # arch families (75, 80, 90) for cuda
     dtypes: tuple = ()
@@ -70,21 +71,30 @@ class Rule:
     note: str = ""
 
 
+_F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
+#: Longest sequence for which the CPU takes batched bmm/softmax/bmm over PyTorch's CPU flash kernel
+#: (measured with benchmarks/attn3d.py on the 2-core CPU of this project's CI; see the README notes).
+CPU_MATH_MAX_LEN = 64
+
 DISPATCH: tuple[Rule, ...] = (
-    Rule("torch", dtypes=(torch.float64,), note="float64: no Triton fp64 dot; PyTorch kernels"),
-    Rule("triton", device="cpu", interpret=True, note="TRITON_INTERPRET=1: GPU kernels on CPU tensors"),
-    Rule("torch", device="cpu", note="CPU: PyTorch flash-attention CPU kernel / blocked bmm (measured)"),
-    Rule("sdpa_efficient", device="cuda", archs=(75,), dtypes=(torch.float16,), axes=("full", "spatial"),
-         min_len=256, note="sm_75 FFMA tl.dot: long fp16 sequences on CUTLASS tensor cores (UNMEASURED)"),
-    Rule("triton", device="cuda", note="fused Triton kernels, in-place strided reads (UNMEASURED tiles)"),
-    Rule("torch", note="fallback (shapes the fused kernels do not take, e.g. Dk/heads > 256 with long L)"),
+    Rule("triton", device="cpu", interpret=True, dtypes=(_F16, _F32),
+         note="TRITON_INTERPRET=1: the GPU kernels on CPU tensors"),
+    Rule("torch_math", device="cpu", max_len=CPU_MATH_MAX_LEN,
+         note="CPU, short sequences: batched bmm/softmax/bmm (measured)"),
+    Rule("torch_flash", device="cpu", note="CPU, Dk == Dv: PyTorch's CPU flash-attention kernel (measured)"),
+    Rule("torch_math", device="cpu", note="CPU, Dk != Dv: blocked bmm/softmax/bmm"),
+    Rule("sdpa_efficient", device="cuda", archs=(75,), dtypes=(_F16,), axes=("full", "spatial"), min_len=256,
+         note="sm_75 FFMA tl.dot: long fp16 sequences on CUTLASS tensor cores (UNMEASURED)"),
+    Rule("triton", device="cuda", dtypes=(_F16, _BF16, _F32),
+         note="fused Triton kernels, in-place strided reads (UNMEASURED tiles)"),
+    Rule("torch_math", note="fallback: float64 on GPU, head dims the fused kernels do not take"),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
     rule: int
-    impl: str  # "triton" | "torch" | "sdpa_efficient"
+    impl: str
     plan: Optional[_tk.Plan] = None
 
     @property
@@ -121,11 +131,14 @@ def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: 
                 or (r.archs and (device != "cuda" or fam not in r.archs)):
             continue
         if r.impl == "triton":
-            p = _tk.plan(cc, L, dk, dv)
+            p = _tk.plan(cc, L, dk, dv, dtype)
             if p is not None:
                 return Choice(i, "triton", p)
         elif r.impl == "sdpa_efficient":
             if dk == dv and dk % 8 == 0 and dk <= 128:
+                return Choice(i, r.impl)
+        elif r.impl == "torch_flash":
+            if dk == dv:
                 return Choice(i, r.impl)
         else:
             return Choice(i, r.impl)
@@ -144,17 +157,21 @@ def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
     return select(q, k, v, axis, heads).describe()
 
 
+def _delta_from_rows(c: Choice) -> bool:
+    """Implementations whose backward forms delta = rowsum(P * dP) from complete rows of P itself:
+    they need neither the output nor the pre-epilogue attention saved."""
+    return c.impl == "torch_math" or (c.impl == "triton" and c.plan.kind == "packed")
+
+
 def _saves_attn(c: Choice, epilogue: bool) -> bool:
     """Whether the forward returns the pre-epilogue attention output for the backward."""
     if c.impl == "sdpa_efficient":
         return True  # its backward wants the output in its own sequence layout
-    if c.impl == "triton" and c.plan.kind == "packed":
-        return False  # delta = rowsum(P * dP) from complete rows inside the kernel
-    return epilogue
+    return epilogue and not _delta_from_rows(c)
 
 
 def _needs_out(c: Choice, epilogue: bool) -> bool:
-    return not epilogue and not (c.impl == "triton" and c.plan.kind == "packed") and c.impl != "sdpa_efficient"
+    return not epilogue and not _delta_from_rows(c) and c.impl != "sdpa_efficient"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,10 +202,6 @@ def _epilogue_into(out: Tensor, attn_seq: Tensor, axis: str, heads: int, residua
     return out
 
 
-def _cpu_flash_ok(q: Tensor, v: Tensor, heads: int) -> bool:
-    return q.device.type == "cpu" and q.shape[1] == v.shape[1]
-
-
 def _unit_last(t: Tensor) -> Tensor:
     # the aten CPU flash kernels index the head dim as if its stride were 1 (the public SDPA copies
     # such inputs first); the "full"-axis view of an NCTHW map has stride T*H*W there
@@ -200,45 +213,65 @@ def _math_dtype(dtype):
 
 
 def _math_forward(qs, ks, vs, scale):
-    """Blocked softmax(q k^T) v over query blocks (bounded memory); returns (out, lse)."""
+    """Blocked softmax(q k^T) v over query blocks (bounded memory); returns (out, lse).
+
+    lse is kept in float64: at large logits an fp32 lse (ulp 1.2e-4 at |S| ~ 2000) would make the
+    backward's recomputed P = exp(S - lse) miss the forward's normalisation by that much."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
     out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
-    lse = torch.empty((N * h, L), dtype=torch.float32, device=qs.device)
+    lse = torch.empty((N * h, L), dtype=torch.float64, device=qs.device)
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
     for i in range(0, L, step):  # one iteration unless the scores would exceed the block budget
         s = torch.bmm(qf[:, i:i + step], kf.transpose(1, 2)).mul_(scale)
-        m = torch.logsumexp(s, dim=-1, keepdim=True)
+        m = s.amax(-1, keepdim=True)
         s.sub_(m).exp_()
+        den = s.sum(-1, keepdim=True)
+        s.div_(den)
         torch.bmm(s, vf, out=out[:, i:i + step])
-        lse[:, i:i + step] = m.squeeze(-1)
+        lse[:, i:i + step] = (m.to(torch.float64) + den.to(torch.float64).log()).squeeze(-1)
     return out.to(qs.dtype).unflatten(0, (N, h)), lse.unflatten(0, (N, h))
 
 
-def _math_backward(dos, qs, ks, vs, os_, lse, scale):
+def _math_backward(dys, qs, ks, vs, lse, scale, gamma):
+    """Backward of :func:`_math_forward` given dY (the grad of gamma * attention): returns
+    (dq, dk, dv, dgamma or None). delta_i = sum_j P_ij dP_ij is formed from the recomputed P itself,
+    so saturated softmax rows (one-hot P at large logits) cancel exactly, as in autograd's softmax
+    backward; sum_i delta_i = sum(dY * A) is gamma's gradient, so nothing but lse is saved."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
-    qf, kf, vf, dof, of = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dos, os_))
-    lf = lse.flatten(0, 1).to(ct)
-    delta = (dof * of).sum(-1)
+    qf, kf, vf, dyf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dys))
+    lf = lse.flatten(0, 1)  # float64: S - lse is formed in float64 and rounded once
+    g = gamma.to(ct) if gamma is not None else None
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
+    dgamma = torch.zeros((), dtype=torch.float64, device=qs.device)
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
     for i in range(0, L, step):
         sl = slice(i, i + step)
-        p = torch.baddbmm(-lf[:, sl, None], qf[:, sl], kf.transpose(1, 2), alpha=scale).exp_()
-        dv.baddbmm_(p.transpose(1, 2), dof[:, sl])
-        ds = torch.bmm(dof[:, sl], vf.transpose(1, 2)).sub_(delta[:, sl, None]).mul_(p)
+        # the forward's exact logits (same bmm, same blocks): any other rounding of S would perturb P
+        # by eps * |S| relative to the P the forward normalised
+        p = torch.bmm(qf[:, sl], kf.transpose(1, 2)).mul_(scale).sub_(lf[:, sl, None]).exp_()
+        dv.baddbmm_(p.transpose(1, 2), dyf[:, sl])
+        dp = torch.bmm(dyf[:, sl], vf.transpose(1, 2))
+        delta = (p * dp).sum(-1, keepdim=True)
+        dgamma += delta.sum(dtype=torch.float64)
+        ds = dp.sub_(delta).mul_(p)
+        if g is not None:
+            ds.mul_(g)
         torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
         dk.baddbmm_(ds.transpose(1, 2), qf[:, sl], alpha=scale)
-    return tuple(t.to(qs.dtype).unflatten(0, (N, h)) for t in (dq, dk, dv))
+    if g is not None:
+        dv.mul_(g)
+    grads = tuple(t.to(qs.dtype).unflatten(0, (N, h)) for t in (dq, dk, dv))
+    return (*grads, dgamma if gamma is not None else None)
 
 
-def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn):
+def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn, flash):
     qs, ks, vs = (to_seq(t, axis, heads) for t in (q, k, v))
-    if _cpu_flash_ok(q, v, heads):
+    if flash:
         attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(qs), _unit_last(ks), _unit_last(vs), 0.0, False, scale=scale)
     else:
@@ -247,18 +280,18 @@ def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn):
     return out, lse, (attn if save_attn else q.new_empty(0))
 
 
-def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
+def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma, flash):
     qs, ks, vs, dos = (to_seq(t, axis, heads) for t in (q, k, v, grad_out))
-    os_ = o if o.dim() == 4 else to_seq(o, axis, heads)
-    dgamma = None
-    if gamma is not None:
-        dgamma = torch.sum(dos.to(torch.float32) * os_.to(torch.float32))
-        dos = dos * gamma.to(dos.dtype)
-    if _cpu_flash_ok(q, v, heads):
+    if flash:
+        os_ = o if o.dim() == 4 else to_seq(o, axis, heads)
+        dgamma = None
+        if gamma is not None:
+            dgamma = torch.sum(dos.to(torch.float32) * os_.to(torch.float32))
+            dos = dos * gamma.to(dos.dtype)
         dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_unit_last(t) for t in (dos, qs, ks, vs, os_)), lse, 0.0, False, scale=scale)
     else:
-        dqs, dks, dvs = _math_backward(dos, qs, ks, vs, os_, lse, scale)
+        dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, lse, scale, gamma)
     grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
     return (*grads, dgamma)
 
@@ -321,7 +354,7 @@ def _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma):
     if c.impl == "sdpa_efficient":
         return _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma)
     return _torch_forward(q, k, v, axis, heads, scale, residual, gamma,
-                          _saves_attn(c, residual is not None or gamma is not None))
+                          _saves_attn(c, residual is not None or gamma is not None), c.impl == "torch_flash")
 
 
 @torch.library.custom_op("stssa::_attention3d_backward", mutates_args=())
@@ -337,7 +370,8 @@ def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     elif c.impl == "sdpa_efficient":
         dq, dk, dv, dg = _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma)
     else:
-        dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma)
+        dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma,
+                                         c.impl == "torch_flash")
     dgamma = dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else q.new_empty(0)
     return dq, dk, dv, dgamma
 

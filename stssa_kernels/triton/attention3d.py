@@ -202,9 +202,16 @@ def _attn3d_bwd_packed(
         qT = tl.load(Q + q_row[None, :] + d[:, None].to(tl.int64) * sqc, mask=m2, other=0.0)
         kT = tl.load(K + k_row[None, :] + d[:, None].to(tl.int64) * skc, mask=m2, other=0.0)
         s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
-    lse2 = tl.load(LSE + gs.to(tl.int64) * L + n, mask=ok, other=0.0) * 1.4426950408889634
+    # Whole rows are in the tile: redo the softmax exactly as the forward did instead of reading the
+    # fp32 lse back (whose rounding, eps * |S|, would unnormalise P at very large logits).
     same = (g[:, None] == g[None, :]) & ok[None, :]
-    p = tl.exp2(tl.where(same, s * qk_scale - lse2[:, None], float("-inf")))  # no overflow off the blocks
+    s = tl.where(same, s * qk_scale, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    l = tl.where(l == 0.0, 1.0, l)
+    p = p * (1.0 / l)[:, None]
 
     if HAS_GAMMA:
         gamma = tl.load(GAMMA).to(tl.float32)
@@ -614,26 +621,38 @@ def _flat(geo: _Geometry):
     return [s for st in geo.strides for s in st]
 
 
-# ---- block configurations: data, one row per arch family ------------------------------------------
-# UNMEASURED on GPUs: chosen from tile arithmetic and the compile check (registers / shared memory /
-# no spills); `benchmarks/attn3d.py` prints the entry that ran so the tables can be tuned from
-# measurements. sm_75 packs fewer rows per tile because its tl.dot runs on FFMA, where the
-# block-diagonal waste of packing costs real time instead of idle tensor-core cycles.
+# ---- block configurations: data, one row per (arch family, element size) --------------------------
+# UNMEASURED on GPUs: chosen from tile arithmetic and the compile check (no register spills, shared
+# memory within the arch's limit, for the generic-stride build: the kernels index by arbitrary strides,
+# so every element of a tile carries its own 64-bit address unless Triton specialises a unit stride,
+# which is why the tiles are smaller and the warps more than in contiguous-layout attention kernels).
+# `benchmarks/attn3d.py` prints the entry that ran so the tables can be tuned from measurements.
+# sm_75 runs tl.dot on FFMA for every dtype, so it gets the fp32 (FFMA) tiles and packs fewer
+# sequences per tile: the block-diagonal waste of packing costs real FFMA time there, while on
+# tensor-core archs it fills otherwise idle MMA cycles.
 
 PACKED_BLOCK_DK = 32  # Dk chunk of the packed kernels (they loop over Dk)
-# family -> (BLOCK_M, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed
+# (family, bits) -> (BLOCK_M, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed
 PACKED_CONFIGS = {
-    75: (32, 64, 4, 2),
-    80: (64, 64, 4, 2),
-    90: (64, 64, 4, 2),
+    (75, 16): (32, 32, 4, 1), (75, 32): (32, 32, 4, 1),
+    (80, 16): (64, 64, 8, 2), (80, 32): (32, 32, 4, 1),
+    (90, 16): (64, 64, 8, 2), (90, 32): (32, 32, 4, 1),
 }
-# family -> padded head dim BLOCK_DK -> (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages)
+# (family, bits) -> padded head dim BLOCK_DK -> (forward tile, backward tile), each
+# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages)
+_MMA16 = {64: ((64, 64, 64, 8, 2), (64, 32, 64, 8, 2)),
+          128: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),
+          256: ((64, 32, 64, 8, 2), (32, 16, 64, 8, 2))}
+_FFMA = {64: ((64, 32, 32, 8, 1), (32, 32, 32, 8, 1)),
+         128: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
+         256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
 FLASH_CONFIGS = {
-    75: {64: (64, 64, 64, 4, 2), 128: (64, 32, 64, 4, 2), 256: (32, 32, 64, 4, 1)},
-    80: {64: (64, 64, 64, 4, 2), 128: (64, 64, 64, 4, 2), 256: (64, 32, 64, 8, 2)},
-    90: {64: (64, 64, 64, 4, 2), 128: (64, 64, 64, 4, 2), 256: (64, 32, 64, 8, 2)},
+    (75, 16): _FFMA, (75, 32): _FFMA,
+    (80, 16): _MMA16, (80, 32): _FFMA,
+    (90, 16): _MMA16, (90, 32): _FFMA,
 }
 MAX_HEAD_DIM = 256  # q/k channels per head the flash kernels take in one tile
+DELTA_TILE = (64, 64, 4)  # delta pre-pass: (BLOCK_M, BLOCK_DV, num_warps), every arch and dtype
 # A packed forward with fewer programs than this splits Dv over a second grid dimension (each split
 # recomputes the tiny packed softmax) to fill the GPU.
 MIN_PROGRAMS = 256
@@ -648,40 +667,47 @@ def _pow2(x: int, lo: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """Which Triton kernel family and tile runs one call."""
-    kind: str  # "packed" | "flash"
-    family: int
+class Tile:
     block_m: int
     block_n: int
-    block_dk: int
     block_dv: int
     num_warps: int
     num_stages: int
 
-    @property
-    def saves_attn(self) -> bool:
-        """Whether the backward needs the pre-epilogue attention output (flash: delta = rowsum(dY*A))."""
-        return self.kind == "flash"
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which Triton kernel family and tiles run one call."""
+    kind: str  # "packed" | "flash"
+    family: int
+    bits: int
+    block_dk: int
+    fwd: Tile
+    bwd: Tile
 
     def describe(self) -> str:
+        f, b = self.fwd, self.bwd
         if self.kind == "packed":
-            return f"triton-packed sm_{self.family} BM={self.block_m} BDK={self.block_dk} BDV={self.block_dv} w{self.num_warps}"
-        return (f"triton-flash sm_{self.family} BM={self.block_m} BN={self.block_n} BDK={self.block_dk} "
-                f"BDV={self.block_dv} w{self.num_warps}")
+            return (f"triton-packed sm_{self.family} fp{self.bits}-class BM={f.block_m} BDK={self.block_dk} "
+                    f"BDV={f.block_dv} w{f.num_warps}")
+        return (f"triton-flash sm_{self.family} fp{self.bits}-class BDK={self.block_dk} fwd BM={f.block_m} "
+                f"BN={f.block_n} BDV={f.block_dv} w{f.num_warps} | bwd BM={b.block_m} BN={b.block_n} "
+                f"BDV={b.block_dv} w{b.num_warps}")
 
 
-def plan(cc: int, L: int, dk: int, dv: int) -> Plan | None:
-    """Kernel family and tile for head dims (dk, dv) and sequence length L; None if unsupported."""
+def plan(cc: int, L: int, dk: int, dv: int, dtype: torch.dtype = torch.float16) -> Plan | None:
+    """Kernel family and tiles for head dims (dk, dv), sequence length L and dtype; None if unsupported."""
     fam = arch_family(cc)
-    bm, bdv, w, st = PACKED_CONFIGS[fam]
+    bits = 32 if dtype == torch.float32 else 16
+    bm, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
     if L <= bm:
-        return Plan("packed", fam, bm, bm, PACKED_BLOCK_DK, bdv, w, st)
+        t = Tile(bm, bm, bdv, w, st)
+        return Plan("packed", fam, bits, PACKED_BLOCK_DK, t, t)
     if dk > MAX_HEAD_DIM:
         return None
     bdk = _pow2(dk, 64)  # head dims below 64 are padded: QK^T is rarely the cost next to PV
-    bm, bn, bdv, w, st = FLASH_CONFIGS[fam][bdk]
-    return Plan("flash", fam, bm, bn, bdk, bdv, w, st)
+    fwd, bwd = FLASH_CONFIGS[(fam, bits)][bdk]
+    return Plan("flash", fam, bits, bdk, Tile(*fwd), Tile(*bwd))
 
 
 def _precision(dtype: torch.dtype, fam: int) -> str:
@@ -703,7 +729,7 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
     nseq, L = seq_count_and_length(q.shape, axis)
     out = torch.empty_like(v)
     lse = torch.empty((nseq, heads, L), device=q.device, dtype=torch.float32)
-    store_attn = p.saves_attn and (residual is not None or gamma is not None)
+    store_attn = p.kind == "flash" and (residual is not None or gamma is not None)
     attn = torch.empty((nseq, heads, L, dv), device=q.device, dtype=v.dtype) if store_attn else None
     if out.numel() == 0 or q.numel() == 0:
         if out.numel():
@@ -719,15 +745,16 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
     nseqh = nseq * heads
     qk_scale = scale * LOG2E
     g = gamma if gamma is not None else lse
-    common = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
+    t = p.fwd
+    common = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
                   HAS_RES=residual is not None, HAS_GAMMA=gamma is not None, PREC=_precision(q.dtype, p.family),
-                  num_warps=p.num_warps, num_stages=p.num_stages)
+                  num_warps=t.num_warps, num_stages=t.num_stages)
     if p.kind == "packed":
-        G = max(1, p.block_m // L)
+        G = max(1, t.block_m // L)
         n_prog = triton.cdiv(nseqh, G)
-        n_chunks = triton.cdiv(dv, p.block_dv)
+        n_chunks = triton.cdiv(dv, t.block_dv)
         groups = min(n_chunks, max(1, triton.cdiv(MIN_PROGRAMS, n_prog))) if q.is_cuda else 1
-        per_prog = triton.cdiv(n_chunks, groups) * p.block_dv
+        per_prog = triton.cdiv(n_chunks, groups) * t.block_dv
         groups = triton.cdiv(dv, per_prog)
         # token-major rows when neighbouring sequences are closer in memory than neighbouring tokens
         sq, tk = geo.strides[0][2 + geo.seq_dims - 1], geo.strides[0][5 + geo.tok_dims - 1]
@@ -735,14 +762,14 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
         _attn3d_fwd_packed[(n_prog, groups)](
             q, k, v, out, res, g, lse, *_flat(geo)[:40],
             nseqh, heads, L, *geo.sizes, dk, dv, G, per_prog, qk_scale,
-            TOKEN_MAJOR=token_major, BLOCK_M=p.block_m, **common)
+            TOKEN_MAJOR=token_major, BLOCK_M=t.block_m, **common)
     else:
         a = attn if attn is not None else out
-        grid = (triton.cdiv(L, p.block_m) * nseqh, triton.cdiv(dv, p.block_dv))
+        grid = (triton.cdiv(L, t.block_m) * nseqh, triton.cdiv(dv, t.block_dv))
         _attn3d_fwd_flash[grid](
             q, k, v, out, res, a, g, lse, *_flat(geo),
             heads, L, *geo.sizes, dk, dv, qk_scale,
-            BLOCK_M=p.block_m, BLOCK_N=p.block_n, STORE_ATTN=store_attn, **common)
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, STORE_ATTN=store_attn, **common)
     return out, lse, attn
 
 
@@ -763,37 +790,39 @@ def backward(grad_out, q, k, v, o, lse, axis: str, heads: int, scale: float, gam
     g = gamma if gamma is not None else lse
     qk_scale = scale * LOG2E
     prec = _precision(q.dtype, p.family)
+    t = p.bwd
     if p.kind == "packed":
         descs = [_desc_5d(t, d) for t, d in ((q, dk), (k, dk), (v, dv), (grad_out, dv), (dq, dk), (dk_, dk), (dv_, dv))]
         geo = _geometry(q.shape, axis, descs)
-        G = max(1, p.block_m // L)
+        G = max(1, t.block_m // L)
         sq, tk = geo.strides[0][2 + geo.seq_dims - 1], geo.strides[0][5 + geo.tok_dims - 1]
         _attn3d_bwd_packed[(triton.cdiv(nseqh, G),)](
             q, k, v, grad_out, dq, dk_, dv_, lse, delta, g, *_flat(geo),
             nseqh, heads, L, *geo.sizes, dk, dv, G, qk_scale, scale,
             SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, TOKEN_MAJOR=G > 1 and abs(sq) < abs(tk),
-            BLOCK_M=p.block_m, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
-            HAS_GAMMA=gamma is not None, PREC=prec, num_warps=p.num_warps, num_stages=p.num_stages)
+            BLOCK_M=t.block_m, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
+            HAS_GAMMA=gamma is not None, PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages)
     else:
         o_desc = _desc_seq(q.shape, axis, heads, dv) if o.dim() == 4 else _desc_5d(o, dv)
         descs = [_desc_5d(t, d) for t, d in ((q, dk), (k, dk), (v, dv), (grad_out, dv), (dq, dk), (dk_, dk), (dv_, dv))]
         geo = _geometry(q.shape, axis, descs + [o_desc])
         st = geo.strides
         flat = lambda idx: [s for i in idx for s in st[i]]  # noqa: E731
-        meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, num_stages=p.num_stages)
-        _attn3d_bwd_delta[(triton.cdiv(L, 64) * nseqh,)](
+        meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims)
+        _attn3d_bwd_delta[(triton.cdiv(L, DELTA_TILE[0]) * nseqh,)](
             grad_out, o, delta, *flat([3, 7]), heads, L, *geo.sizes, dv,
-            BLOCK_M=64, BLOCK_DV=64, num_warps=4, **meta)
-        one = dv <= p.block_dv
-        blocks = dict(BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv,
-                      HAS_GAMMA=gamma is not None, PREC=prec, num_warps=p.num_warps, **meta)
-        _attn3d_bwd_dq[(triton.cdiv(L, p.block_m) * nseqh,)](
+            BLOCK_M=DELTA_TILE[0], BLOCK_DV=DELTA_TILE[1], num_warps=DELTA_TILE[2], num_stages=2, **meta)
+        one = dv <= t.block_dv
+        blocks = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
+                      HAS_GAMMA=gamma is not None, PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
+                      **meta)
+        _attn3d_bwd_dq[(triton.cdiv(L, t.block_m) * nseqh,)](
             q, k, v, grad_out, dq, lse, delta, g, *flat([0, 1, 2, 3, 4]),
             heads, L, *geo.sizes, dk, dv, qk_scale, scale, **blocks)
-        n_blocks = triton.cdiv(L, p.block_n) * nseqh
+        n_blocks = triton.cdiv(L, t.block_n) * nseqh
         args = (q, k, v, grad_out, dk_, dv_, lse, delta, g, *flat([0, 1, 2, 3, 5, 6]),
                 heads, L, *geo.sizes, dk, dv, qk_scale, scale)
-        _attn3d_bwd_dkdv[(n_blocks, 1 if one else 1 + triton.cdiv(dv, p.block_dv))](*args, ONE_DV_CHUNK=one, **blocks)
+        _attn3d_bwd_dkdv[(n_blocks, 1 if one else 1 + triton.cdiv(dv, t.block_dv))](*args, ONE_DV_CHUNK=one, **blocks)
     dgamma = delta.sum() if gamma is not None else None
     return dq, dk_, dv_, dgamma
 
@@ -829,25 +858,31 @@ def compile_specs(cc: int):
     """Every kernel configuration ``plan`` can pick on compute capability ``cc``: each tile of each
     kernel (packed forward/backward, flash forward, delta, dq, dk/dv narrow and wide-Dv) for fp16, bf16
     and fp32. Index/epilogue switches are compiled at their most register-hungry setting (3-dim
-    sequence and token indexing, residual + gamma + saved attention)."""
+    sequence and token indexing with no unit stride, residual + gamma + saved attention)."""
     fam = arch_family(cc)
     idx = dict(SEQ_DIMS=3, TOK_DIMS=3, PREC="ieee")
     specs = []
-    bm, bdv, w, st = PACKED_CONFIGS[fam]
     for dt in ("fp16", "bf16", "fp32"):
+        bits = 32 if dt == "fp32" else 16
+        bm, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
         cfg = f"{dt} BM={bm} BDK={PACKED_BLOCK_DK} BDV={bdv} w{w}"
         ce = dict(idx, TOKEN_MAJOR=True, BLOCK_M=bm, BLOCK_DK=PACKED_BLOCK_DK, BLOCK_DV=bdv, HAS_GAMMA=True)
         specs.append(_spec(_attn3d_fwd_packed, "attn3d_fwd_packed", cfg, dt, dict(ce, HAS_RES=True), w, st))
         specs.append(_spec(_attn3d_bwd_packed, "attn3d_bwd_packed", cfg, dt, ce, w, st))
-        specs.append(_spec(_attn3d_bwd_delta, "attn3d_bwd_delta", f"{dt} BM=64 BDV=64 w4", dt,
-                           dict(SEQ_DIMS=3, TOK_DIMS=3, BLOCK_M=64, BLOCK_DV=64), 4, 2))
-        for bdk, (fbm, fbn, fbdv, fw, fst) in FLASH_CONFIGS[fam].items():
+        dbm, dbdv, dw = DELTA_TILE
+        specs.append(_spec(_attn3d_bwd_delta, "attn3d_bwd_delta", f"{dt} BM={dbm} BDV={dbdv} w{dw}", dt,
+                           dict(SEQ_DIMS=3, TOK_DIMS=3, BLOCK_M=dbm, BLOCK_DV=dbdv), dw, 2))
+        for bdk, (fwd, bwd) in FLASH_CONFIGS[(fam, bits)].items():
+            fbm, fbn, fbdv, fw, fst = fwd
             cfg = f"{dt} BM={fbm} BN={fbn} BDK={bdk} BDV={fbdv} w{fw}"
             ce = dict(idx, BLOCK_M=fbm, BLOCK_N=fbn, BLOCK_DK=bdk, BLOCK_DV=fbdv, HAS_GAMMA=True)
             specs.append(_spec(_attn3d_fwd_flash, "attn3d_fwd_flash", cfg, dt,
                                dict(ce, HAS_RES=True, STORE_ATTN=True), fw, fst))
-            specs.append(_spec(_attn3d_bwd_dq, "attn3d_bwd_dq", cfg, dt, ce, fw, fst))
+            bbm, bbn, bbdv, bw, bst = bwd
+            cfg = f"{dt} BM={bbm} BN={bbn} BDK={bdk} BDV={bbdv} w{bw}"
+            ce = dict(idx, BLOCK_M=bbm, BLOCK_N=bbn, BLOCK_DK=bdk, BLOCK_DV=bbdv, HAS_GAMMA=True)
+            specs.append(_spec(_attn3d_bwd_dq, "attn3d_bwd_dq", cfg, dt, ce, bw, bst))
             for one in (True, False):
                 specs.append(_spec(_attn3d_bwd_dkdv, "attn3d_bwd_dkdv", cfg + (" Dv<=BDV" if one else " wide-Dv"), dt,
-                                   dict(ce, ONE_DV_CHUNK=one), fw, fst))
+                                   dict(ce, ONE_DV_CHUNK=one), bw, bst))
     return specs
