@@ -167,6 +167,19 @@ def test_gradcheck_float64_flash_cpu():
     assert torch.autograd.gradcheck(lambda q, k, v, g: attention3d(q, k, v, "full", gamma=g), args, fast_mode=True)
 
 
+@pytest.mark.parametrize("shape,dv,impl", [((1, 4, 3, 5, 5), 4, "torch_flash"), ((1, 4, 3, 2, 3), 6, "torch_math")])
+def test_float64_is_float64_accurate(shape, dv, impl):
+    # every statistic (lse, delta, dgamma) of the fp64 path stays in fp64
+    (q, k, v), r, g = _make(shape, dv, torch.float64, epilogue=True)
+    assert A.select(q, k, v, "full", 1).impl == impl
+    go = torch.randn(v.shape, dtype=torch.float64)
+    out, grads = _grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g], go)
+    ref, rgrads = _grads(lambda *a: attention3d_ref(*a[:3], "full", 1, None, a[3], a[4]), [q, k, v, r, g], go)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_gamma_zero_still_trains_gamma():
     # SAGAN initialises gamma to 0: the output is the residual, but d out / d gamma = attention
     (q, k, v), r, _ = _make((1, 4, 2, 3, 3), 4, torch.float32, epilogue=True)
@@ -327,6 +340,19 @@ def test_plan_covers_compile_specs():
                     for w in want:
                         assert w in specs, (cc, L, dk, w)
         assert "attn3d_bwd_delta" in names
+
+
+@pytest.mark.parametrize("axis", ["spatial", "full"])
+def test_sdpa_efficient_plumbing_on_meta_tensors(axis):
+    # the sm_75 route (CUTLASS SDPA) cannot run without a GPU; its permutes, epilogue and gradient
+    # write-back are checked for shapes here on meta tensors (aten's meta kernels)
+    m = torch.device("meta")
+    q = torch.empty(2, 64, 4, 16, 16, device=m, dtype=torch.float16)
+    v, r, g = torch.empty_like(q), torch.empty_like(q), torch.empty((), device=m)
+    out, lse, attn = A._sdpa_forward(q, q, v, axis, 2, 0.1, r, g)
+    assert out.shape == v.shape and attn.shape[1:] == (2, *TK.seq_count_and_length(q.shape, axis)[1:], 32)
+    grads = A._sdpa_backward(torch.empty_like(out), q, q, v, attn, lse, axis, 2, 0.1, g)
+    assert [t.shape for t in grads[:3]] == [q.shape] * 3 and grads[3].shape == ()
 
 
 def test_layout_merging():

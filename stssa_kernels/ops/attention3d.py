@@ -212,37 +212,36 @@ def _math_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _math_forward(qs, ks, vs, scale):
-    """Blocked softmax(q k^T) v over query blocks (bounded memory); returns (out, lse).
+def _math_logits(qf, kf, sl, scale):
+    # scale applied inside the GEMM (alpha); beta=0 ignores the uninitialised input
+    a = qf[:, sl]
+    return torch.baddbmm(a.new_empty((a.shape[0], a.shape[1], kf.shape[1])), a, kf.transpose(1, 2),
+                         beta=0.0, alpha=scale)
 
-    lse is kept in float64: at large logits an fp32 lse (ulp 1.2e-4 at |S| ~ 2000) would make the
-    backward's recomputed P = exp(S - lse) miss the forward's normalisation by that much."""
+
+def _math_forward(qs, ks, vs, scale):
+    """softmax(scale q k^T) v with batched GEMMs and PyTorch's fused softmax, in blocks of queries
+    (one block unless the scores would pass _MATH_BLOCK_ELEMS). Saves no statistics: the backward
+    recomputes P with the same kernels, bit for bit."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
     out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
-    lse = torch.empty((N * h, L), dtype=torch.float64, device=qs.device)
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
-    for i in range(0, L, step):  # one iteration unless the scores would exceed the block budget
-        s = torch.bmm(qf[:, i:i + step], kf.transpose(1, 2)).mul_(scale)
-        m = s.amax(-1, keepdim=True)
-        s.sub_(m).exp_()
-        den = s.sum(-1, keepdim=True)
-        s.div_(den)
-        torch.bmm(s, vf, out=out[:, i:i + step])
-        lse[:, i:i + step] = (m.to(torch.float64) + den.to(torch.float64).log()).squeeze(-1)
-    return out.to(qs.dtype).unflatten(0, (N, h)), lse.unflatten(0, (N, h))
+    for i in range(0, L, step):
+        p = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
+        torch.bmm(p, vf, out=out[:, i:i + step])
+    return out.to(qs.dtype).unflatten(0, (N, h))
 
 
-def _math_backward(dys, qs, ks, vs, lse, scale, gamma):
+def _math_backward(dys, qs, ks, vs, scale, gamma):
     """Backward of :func:`_math_forward` given dY (the grad of gamma * attention): returns
-    (dq, dk, dv, dgamma or None). delta_i = sum_j P_ij dP_ij is formed from the recomputed P itself,
-    so saturated softmax rows (one-hot P at large logits) cancel exactly, as in autograd's softmax
-    backward; sum_i delta_i = sum(dY * A) is gamma's gradient, so nothing but lse is saved."""
+    (dq, dk, dv, dgamma or None). dS = P * (dP - rowsum(P * dP)) by autograd's own softmax backward
+    on the recomputed P, so saturated rows (one-hot P at large logits) cancel exactly; gamma's
+    gradient sum(dY * A) = sum(P * dY V^T) comes from the same tiles, so nothing is saved."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf, dyf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dys))
-    lf = lse.flatten(0, 1)  # float64: S - lse is formed in float64 and rounded once
     g = gamma.to(ct) if gamma is not None else None
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
@@ -251,14 +250,12 @@ def _math_backward(dys, qs, ks, vs, lse, scale, gamma):
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
     for i in range(0, L, step):
         sl = slice(i, i + step)
-        # the forward's exact logits (same bmm, same blocks): any other rounding of S would perturb P
-        # by eps * |S| relative to the P the forward normalised
-        p = torch.bmm(qf[:, sl], kf.transpose(1, 2)).mul_(scale).sub_(lf[:, sl, None]).exp_()
+        p = torch.softmax(_math_logits(qf, kf, sl, scale), dim=-1)
         dv.baddbmm_(p.transpose(1, 2), dyf[:, sl])
         dp = torch.bmm(dyf[:, sl], vf.transpose(1, 2))
-        delta = (p * dp).sum(-1, keepdim=True)
-        dgamma += delta.sum(dtype=torch.float64)
-        ds = dp.sub_(delta).mul_(p)
+        if g is not None:
+            dgamma += (p * dp).sum(dtype=torch.float64)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
         if g is not None:
             ds.mul_(g)
         torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
@@ -275,7 +272,7 @@ def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn, flas
         attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(qs), _unit_last(ks), _unit_last(vs), 0.0, False, scale=scale)
     else:
-        attn, lse = _math_forward(qs, ks, vs, scale)
+        attn, lse = _math_forward(qs, ks, vs, scale), q.new_empty(0, dtype=torch.float32)
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
     return out, lse, (attn if save_attn else q.new_empty(0))
 
@@ -286,12 +283,13 @@ def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma, flash)
         os_ = o if o.dim() == 4 else to_seq(o, axis, heads)
         dgamma = None
         if gamma is not None:
-            dgamma = torch.sum(dos.to(torch.float32) * os_.to(torch.float32))
+            acc = torch.promote_types(dos.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
+            dgamma = torch.sum(dos.to(acc) * os_.to(acc))
             dos = dos * gamma.to(dos.dtype)
         dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_unit_last(t) for t in (dos, qs, ks, vs, os_)), lse, 0.0, False, scale=scale)
     else:
-        dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, lse, scale, gamma)
+        dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma)
     grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
     return (*grads, dgamma)
 
@@ -309,7 +307,7 @@ def _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
     dos = to_seq(grad_out, axis, heads)
     dgamma = None
     if gamma is not None:
-        dgamma = torch.sum(dos.to(torch.float32) * o.to(torch.float32))
+        dgamma = torch.sum(dos.to(torch.float32) * o.to(torch.float32))  # fp16 inputs only (rule above)
         dos = dos * gamma.to(dos.dtype)
     # dropout_p = 0: the philox seed/offset are never read
     seed = torch.zeros((), dtype=torch.int64)
