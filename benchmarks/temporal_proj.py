@@ -1,12 +1,12 @@
 """Benchmark: stssa_kernels.temporal_proj (fused slow/fast Q/K/V projections) vs Conv3d compositions.
 
     python benchmarks/temporal_proj.py [--device cuda|cpu] [--dtype fp16|bf16|fp32] [--threads 2]
-                                       [--shapes ...] [--repeats N]
+                                       [--shapes ...] [--repeats N] [--tag NAME]
 
 Methods, all producing the six projections of one input (slow q, k, v with 7x1x1 kernels, fast q, k, v
 with 1x1x1, zero padding in time):
   fused          the op as dispatched (the table row that ran is printed and saved);
-  fused[<b>]     the op with backend <b> forced: triton (CUDA sm_80+), gemm, conv;
+  fused[<b>]     the op with backend <b> forced: triton (CUDA sm_80+), gemm, conv, conv_kt;
   six_conv       six separate Conv3d (``temporal_proj_ref``, the model's use_fused=False path);
   conv_per_kt    one F.conv3d per kernel size with that size's weights concatenated beforehand (the
                  best case of the "single call" baseline: no per-call weight concatenation).
@@ -128,7 +128,7 @@ def run(args):
     info = device_info(device)
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     names = args.shapes.split(",") if args.shapes else list(shapes)
-    backends = ["gemm", "conv"]
+    backends = ["gemm", "conv", "conv_kt"]
     if device.type == "cuda" and tp_ops._tk is not None and tp_ops._cc(device) >= 80 and dtype != torch.float32:
         backends.insert(0, "triton")
     peak = info.get("peak_tflops_fp16") if dtype in (torch.float16, torch.bfloat16) else None
@@ -181,7 +181,7 @@ def run(args):
     print_table(rows, [("shape", "shape"), ("mode", "mode"), ("method", "method"), ("backend", "backend"),
                        ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("peak_frac", "of peak"),
                        ("vs_six_conv", "x six_conv"), ("vs_conv_per_kt", "x conv_per_kt")])
-    path = write_results("temporal_proj", device, {
+    path = write_results("temporal_proj" + (f"_{args.tag}" if args.tag else ""), device, {
         "dtype": args.dtype, "kernel_sizes": KT, "shapes": {k: shapes[k] for k in names},
         "reduced_cpu_shapes": device.type == "cpu", "repeats": args.repeats, "warmup": args.warmup,
         "timing": "median of round-robin interleaved calls, device synchronised",
@@ -199,6 +199,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="comma-separated names (default: all for the device)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. 1thread)")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     args.dtype = args.dtype or ("fp32" if cpu else "fp16")

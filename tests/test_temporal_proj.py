@@ -18,7 +18,7 @@ from stssa_kernels.ops import temporal_proj as tp_ops
 from stssa_kernels.ops.temporal_proj import pack_biases, pack_weights, route, select_backend, use_backend
 from stssa_kernels.reference import temporal_proj_ref
 
-CPU_BACKENDS = ["gemm", "conv"]
+CPU_BACKENDS = ["gemm", "conv", "conv_kt"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,13 +131,16 @@ def test_mixed_kernel_sizes_by_rule(backend, dtype):
         check_backward(x, ws, bs)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kernel_sizes", [(1, 3, 7), (3, 3), (5, 1, 5), (7,)])
-def test_interleaved_kernel_sizes(kernel_sizes):
-    """Projections with a tap are not always consecutive columns (the GEMM path splits tap runs)."""
+def test_interleaved_kernel_sizes(backend, kernel_sizes):
+    """Projections sharing a tap or a kernel size are not always consecutive columns (the GEMM path
+    splits tap runs, conv_kt gathers and scatters groups)."""
     oc = tuple(3 + i for i in range(len(kernel_sizes)))
-    x, ws, bs = make(C=4, T=6, out_channels=oc, kernel_sizes=kernel_sizes, bias=(True,) * len(oc))
-    check_forward(x, ws, bs)
-    check_backward(x, ws, bs)
+    x, ws, bs = make(C=4, T=6, out_channels=oc, kernel_sizes=kernel_sizes, bias=(True, False, True)[:len(oc)])
+    with use_backend(backend):
+        check_forward(x, ws, bs)
+        check_backward(x, ws, bs)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -302,10 +305,12 @@ def test_module_matches_conv3d_modules():
 
 
 def test_dispatch_table():
-    assert select_backend(torch.zeros(1, 16, 2, 1, 1), [16]).backend == "gemm"  # CPU, no interpreter
+    assert select_backend(torch.zeros(1, 16, 2, 1, 1), [16]).backend == "gemm"  # CPU, 1 thread (fixture)
+    assert route("cpu", 0, torch.float32, True, False, threads=1).backend == "gemm"
+    assert route("cpu", 0, torch.float32, True, False, threads=2).backend == "conv_kt"
     assert route("cpu", 0, torch.float32, True, True).backend == "triton"
     assert route("cpu", 0, torch.bfloat16, True, True).backend == "gemm"  # interpreter has no bf16
-    assert route("cuda", 75, torch.float16, True, False).backend == "conv"  # sm_75: tl.dot -> FFMA
+    assert route("cuda", 75, torch.float16, True, False).backend == "conv_kt"  # sm_75: tl.dot -> FFMA
     assert route("cuda", 80, torch.float16, True, False).backend == "triton"
     assert route("cuda", 90, torch.bfloat16, True, False).backend == "triton"
     assert route("cuda", 90, torch.bfloat16, False, False).backend == "gemm"  # unaligned channels
@@ -329,7 +334,7 @@ def _gpu_backends():
     if not torch.cuda.is_available():
         return []
     cc = tp_ops._cc(torch.device("cuda"))
-    return (["triton"] if cc >= 80 and tp_ops._tk is not None else []) + ["gemm", "conv"]
+    return (["triton"] if cc >= 80 and tp_ops._tk is not None else []) + ["gemm", "conv", "conv_kt"]
 
 
 @pytest.mark.gpu
@@ -356,7 +361,7 @@ def test_gpu_backends_by_rule(dtype, shape):
 def test_gpu_dispatch_and_channels_last():
     x, ws, bs = make(B=2, C=64, T=4, H=3, W=3, out_channels=(32, 48), kernel_sizes=(7, 1), dtype=torch.float16,
                      device="cuda")
-    expect = "triton" if tp_ops._cc(x.device) >= 80 and tp_ops._tk is not None else "conv"
+    expect = "triton" if tp_ops._cc(x.device) >= 80 and tp_ops._tk is not None else "conv_kt"
     assert select_backend(x, [32, 48]).backend == expect
     check_forward(x.contiguous(memory_format=torch.channels_last_3d), ws, bs)
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -33,6 +33,8 @@ Backends (chosen per call by the :data:`DISPATCH` table; the benchmark prints wh
 * ``"conv"``: one cuDNN/oneDNN ``conv3d`` with every weight concatenated and zero-padded to the largest
   kt -- a single library call, at the price of ``max_kt * sum N`` instead of ``sum kt_i N_i`` tap
   GEMMs (1.75x the FLOPs for three 7-tap + three 1-tap projections of equal width).
+* ``"conv_kt"``: one library ``conv3d`` per distinct kernel size (weights of that size concatenated),
+  outputs copied into ``Y``: no padded taps, one extra pass over the output.
 
 Autocast: like ``conv3d`` (a lower-precision op on both CUDA and CPU autocast lists), under autocast
 the floating inputs are cast to the autocast dtype (fp16/bf16 on CUDA, bf16 on CPU by default) and the
@@ -69,26 +71,32 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One row of the dispatch table: the first row whose conditions all hold picks ``backend``."""
-    backend: str                      # "triton" | "gemm" | "conv"
+    backend: str                      # one of BACKENDS
     device: str                       # "cpu" | "cuda"
     min_cc: int = 0                   # compute capability major*10+minor, inclusive (CUDA only)
     max_cc: int = 10_000
     dtypes: tuple = _FLOATS
     aligned: bool = False             # C and every C_out multiples of 16, 16-byte aligned x
     interpreter: Optional[bool] = None  # None: either; True/False: TRITON_INTERPRET=1 set or not
+    max_threads: int = 1 << 30        # CPU: torch.get_num_threads() at most this
     why: str = ""
 
+
+_CPU_JSON = "benchmarks/results/temporal_proj{}_cpu-amd-epyc_2026-11-25.json"
 
 DISPATCH: tuple = (
     Route("triton", "cpu", dtypes=(torch.float32, torch.float16), interpreter=True,
           why="TRITON_INTERPRET=1: the Triton kernels run on CPU tensors (tests); the interpreter "
               "simulates neither bf16 nor fp64"),
-    Route("gemm", "cpu",
-          why="measured on CPU (2 cores, benchmarks/results/temporal_proj_cpu.json): no padded-tap "
-              "FLOPs, about as fast as the best per-kt conv3d and faster than one zero-padded conv3d"),
-    Route("conv", "cuda", max_cc=79,
-          why="UNMEASURED. sm_75: Triton lowers tl.dot to FFMA (no tensor cores; compile_check), so one "
-              "fused cuDNN call with all weights concatenated (tensor cores, 1.75x FLOPs for 7+1 taps)"),
+    Route("gemm", "cpu", max_threads=1,
+          why="measured, 1 thread (" + _CPU_JSON.format("_1thread") + "): fastest backend, 1.10-1.25x the "
+              "per-kt conv3d baseline and 1.31-1.61x six Conv3d (fwd and fwd+bwd, reduced STSSA shapes)"),
+    Route("conv_kt", "cpu",
+          why="measured, 2 threads (" + _CPU_JSON.format("") + "): oneDNN's convs scale to 2 threads better "
+              "than 7 MKL GEMMs; 0.91-1.11x the per-kt conv3d baseline (gemm 0.86-0.98x), 0.99-1.16x six Conv3d"),
+    Route("conv_kt", "cuda", max_cc=79,
+          why="UNMEASURED. sm_75: Triton lowers tl.dot to FFMA (no tensor cores; compile_check), so cuDNN: one "
+              "call per kernel size (one call with all weights zero-padded to 7 taps = 1.75x the FLOPs)"),
     Route("triton", "cuda", min_cc=80, dtypes=(torch.float16, torch.bfloat16), aligned=True,
           why="UNMEASURED. sm_80+: implicit GEMM on tensor cores (HMMA/HGMMA), no padded-tap FLOPs"),
     Route("gemm", "cuda",
@@ -96,16 +104,17 @@ DISPATCH: tuple = (
               "follows torch.backends.cuda.matmul.allow_tf32)"),
 )
 
+BACKENDS = ("triton", "gemm", "conv", "conv_kt")
 _forced: Optional[str] = None
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a backend ("triton", "gemm", "conv") for every call inside the block (tests, benchmarks);
+    """Force a backend ("triton", "gemm", "conv", "conv_kt") for every call inside the block (tests, benchmarks);
     ``None`` restores the table. Read when the op runs, so it also applies to compiled graphs."""
     global _forced
-    if name not in (None, "triton", "gemm", "conv"):
-        raise ValueError(f"temporal_proj: unknown backend {name!r}; expected 'triton', 'gemm' or 'conv'")
+    if name not in (None,) + BACKENDS:
+        raise ValueError(f"temporal_proj: unknown backend {name!r}; expected one of {BACKENDS}")
     if name == "triton" and _tk is None:
         raise RuntimeError("temporal_proj: backend 'triton' needs the triton package")
     prev, _forced = _forced, name
@@ -137,10 +146,13 @@ def _cc(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def route(device_type: str, cc: int, dtype: torch.dtype, aligned: bool, interpreting: bool) -> Route:
+def route(device_type: str, cc: int, dtype: torch.dtype, aligned: bool, interpreting: bool,
+          threads: int = 1) -> Route:
     """First :data:`DISPATCH` row matching a call's key (pure: no device queries)."""
     for r in DISPATCH:
         if r.device != device_type or not (r.min_cc <= cc <= r.max_cc) or dtype not in r.dtypes:
+            continue
+        if device_type == "cpu" and threads > r.max_threads:
             continue
         if r.interpreter is not None and r.interpreter != interpreting:
             continue
@@ -153,7 +165,8 @@ def route(device_type: str, cc: int, dtype: torch.dtype, aligned: bool, interpre
 def select_backend(x: Tensor, out_channels: Sequence[int]) -> Route:
     """The :data:`DISPATCH` row that runs ``x`` with projections of widths ``out_channels``
     (ignores :func:`use_backend`)."""
-    return route(x.device.type, _cc(x.device), x.dtype, _aligned(x, out_channels), _interpreting())
+    return route(x.device.type, _cc(x.device), x.dtype, _aligned(x, out_channels), _interpreting(),
+                 torch.get_num_threads())
 
 
 def _backend(x: Tensor, out_channels: Sequence[int]) -> str:
@@ -212,72 +225,79 @@ def _canonical(t: Tensor, memory_format=torch.contiguous_format) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Backends: torch GEMMs ("gemm") and one fused conv3d ("conv")
 # ------------------------------------------------------------------------------------------------
-def _channels_last_rows(x: Tensor) -> Tensor:
-    """x [B, C, T, H, W] -> [B, T, H*W, C] (a view when x is channels-last, else one copy)."""
+def _time_major(x: Tensor) -> Tensor:
+    """x [B, C, T, H, W] -> [T, B*H*W, C] (one copy). Time-major rows make every tap one 2-D GEMM:
+    the input rows of output frames t0..t1 under tap d are the contiguous block of frames
+    t0+d..t1+d, for all clips at once (with [B, T, ...] rows each tap would be B separate GEMMs)."""
     B, C, T, H, W = x.shape
-    return x.permute(0, 2, 3, 4, 1).reshape(B, T, H * W, C)
+    return x.permute(2, 0, 3, 4, 1).reshape(T, B * H * W, C)
+
+
+def _tap_range(T: int, d: int):
+    """Output frames [t0, t1) whose input frame t + d exists (empty when T <= |d|: all padding)."""
+    return max(0, -d), T - max(0, d)
+
+
+def _taps(ks) -> list:
+    pmax = max(ks) // 2
+    return [0] + [d for a in range(1, pmax + 1) for d in (-a, a)]
 
 
 def _fwd_gemm(x: Tensor, wp: Tensor, bias: Optional[Tensor], oc, ks) -> Tensor:
     B, C, T, H, W = x.shape
-    M, ntot, pmax = B * T * H * W, sum(oc), max(ks) // 2
-    xl = _channels_last_rows(x)
-    y = torch.empty((B, T, H * W, ntot), dtype=x.dtype, device=x.device)
-    # Centre tap of every projection: one GEMM over all output columns (bias fused as beta term).
+    R, ntot = B * H * W, sum(oc)
+    xt = _time_major(x)
+    yt = torch.empty((T, R, ntot), dtype=x.dtype, device=x.device)
+    # Centre tap of every projection: one GEMM over all output columns, the bias as its beta term.
     (_, _, spans), = _tap_rows(oc, ks, 0)
     w0 = _rows(wp, spans)
     if bias is not None:
-        torch.addmm(bias, xl.reshape(M, C), w0.t(), out=y.view(M, ntot))
+        torch.addmm(bias, xt.view(T * R, C), w0.t(), out=yt.view(T * R, ntot))
     else:
-        torch.mm(xl.reshape(M, C), w0.t(), out=y.view(M, ntot))
-    for d in [d for a in range(1, pmax + 1) for d in (-a, a)]:
-        t0, t1 = max(0, -d), T - max(0, d)  # output frames whose input frame t + d exists
+        torch.mm(xt.view(T * R, C), w0.t(), out=yt.view(T * R, ntot))
+    for d in _taps(ks)[1:]:
+        t0, t1 = _tap_range(T, d)
         if t1 <= t0:
-            continue  # every input frame of this tap is padding (T <= |d|)
-        xv = xl[:, t0 + d:t1 + d].flatten(1, 2)
+            continue
+        xs = xt[t0 + d:t1 + d].reshape(-1, C)
         for c0, c1, spans in _tap_rows(oc, ks, d):
-            wd = _rows(wp, spans)
-            y[:, t0:t1, :, c0:c1].flatten(1, 2).baddbmm_(xv, wd.t().expand(B, C, c1 - c0))
-    return y.view(B, T, H, W, ntot)
+            yt[t0:t1, :, c0:c1].flatten(0, 1).addmm_(xs, _rows(wp, spans).t())
+    # back to [B, T, H, W, sum N] (one copy of the output: 1/C of the GEMM's work)
+    return yt.view(T, B, H, W, ntot).permute(1, 0, 2, 3, 4).contiguous()
 
 
 def _bwd_gemm(dy: Tensor, x: Tensor, wp: Tensor, oc, ks, need_dx: bool, need_dw: bool):
     B, C, T, H, W = x.shape
-    M, ntot, pmax = B * T * H * W, sum(oc), max(ks) // 2
-    dyl = dy.view(B, T, H * W, ntot)
-    taps = [0] + [d for a in range(1, pmax + 1) for d in (-a, a)]
+    R, ntot = B * H * W, sum(oc)
+    dyt = dy.permute(1, 0, 2, 3, 4).reshape(T, R, ntot)  # time-major copy of dY
     dx = dwp = None
     if need_dx:
-        dxl = torch.empty((B, T, H * W, C), dtype=x.dtype, device=x.device)
+        dxt = torch.empty((T, R, C), dtype=x.dtype, device=x.device)
         (_, _, spans), = _tap_rows(oc, ks, 0)
-        torch.mm(dyl.view(M, ntot), _rows(wp, spans), out=dxl.view(M, C))
-        for d in taps[1:]:
-            t0, t1 = max(0, -d), T - max(0, d)
+        torch.mm(dyt.view(T * R, ntot), _rows(wp, spans), out=dxt.view(T * R, C))
+        for d in _taps(ks)[1:]:
+            t0, t1 = _tap_range(T, d)
             if t1 <= t0:
                 continue
-            dxv = dxl[:, t0 + d:t1 + d].flatten(1, 2)  # dx[t + d] += dy[t] @ W_d
+            dxs = dxt[t0 + d:t1 + d].view(-1, C)  # dx[t + d] += dy[t] @ W_d
             for c0, c1, spans in _tap_rows(oc, ks, d):
-                dxv.baddbmm_(dyl[:, t0:t1, :, c0:c1].flatten(1, 2), _rows(wp, spans).expand(B, c1 - c0, C))
-        dx = dxl.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # channels_last_3d strides
+                dxs.addmm_(dyt[t0:t1, :, c0:c1].flatten(0, 1), _rows(wp, spans))
+        # [T, B, H, W, C] -> [B, C, T, H, W] with channels_last_3d strides (one copy)
+        dx = dxt.view(T, B, H, W, C).permute(1, 0, 2, 3, 4).contiguous().permute(0, 4, 1, 2, 3)
     if need_dw:
-        xl = _channels_last_rows(x)
+        xt = _time_major(x)
         dwp = torch.empty(wp.shape, dtype=wp.dtype, device=wp.device)
-        for d in taps:
-            t0, t1 = max(0, -d), T - max(0, d)
+        for d in _taps(ks):
+            t0, t1 = _tap_range(T, d)
             runs = _tap_rows(oc, ks, d)
-            if t1 <= t0:
+            if t1 <= t0:  # all-padding tap: no input ever meets these weights
                 for _, _, spans in runs:
                     for a, b in spans:
                         dwp[a:b].zero_()
                 continue
-            # dW_d = sum over (b, t) of dy[b, t]^T x[b, t + d]: the (b, t) rows of a shifted slice do
-            # not form one matrix, so copy both slices (O(rows * (N + C)) against the GEMM's
-            # O(rows * N * C)) and do one GEMM with the whole reduction inside the BLAS (fp32 acc).
-            if d == 0:
-                dys, xs = dyl.reshape(M, ntot), xl.reshape(M, C)
-            else:
-                dys = dyl[:, t0:t1].reshape(-1, ntot)
-                xs = xl[:, t0 + d:t1 + d].reshape(-1, C)
+            # dW_d = sum over (t, clip, position) of dy[t]^T x[t + d]: one GEMM per projection with the
+            # whole reduction inside the BLAS (fp32 accumulation)
+            dys, xs = dyt[t0:t1].view(-1, ntot), xt[t0 + d:t1 + d].reshape(-1, C)
             for c0, c1, spans in runs:
                 col = c0
                 for a, b in spans:
@@ -286,33 +306,68 @@ def _bwd_gemm(dy: Tensor, x: Tensor, wp: Tensor, oc, ks, need_dx: bool, need_dw:
     return dx, dwp
 
 
-def _padded_weight(wp: Tensor, oc, ks) -> Tensor:
-    """Packed weight -> one Conv3d weight [sum N, C, max kt, 1, 1], taps centred, zeros elsewhere."""
-    C, kmax = wp.shape[1], max(ks)
-    wfull = wp.new_zeros((sum(oc), C, kmax))
-    for row, col, n, kt, p in _layout(oc, ks):
-        wfull[col:col + n, :, kmax // 2 - p:kmax // 2 + p + 1] = wp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0)
-    return wfull.view(sum(oc), C, kmax, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+def _conv_groups(ks, per_kt: bool) -> list:
+    """Projection indices per library conv call: all in one ("conv") or one call per kernel size
+    ("conv_kt")."""
+    if not per_kt:
+        return [list(range(len(ks)))]
+    groups: dict = {}
+    for i, k in enumerate(ks):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
 
 
-def _fwd_conv(x: Tensor, wp: Tensor, bias: Optional[Tensor], oc, ks) -> Tensor:
-    # channels-last input -> channels-last output = the packed [B, T, H, W, sum N] memory.
+def _group_weight(wp: Tensor, oc, ks, idx) -> Tensor:
+    """Packed weight rows of projections ``idx`` -> one Conv3d weight [sum N, C, kg, 1, 1] with
+    kg = their largest kt, each projection's taps centred and zeros around them."""
+    C, kg = wp.shape[1], max(ks[i] for i in idx)
+    lay = list(_layout(oc, ks))
+    w = wp.new_zeros((sum(oc[i] for i in idx), C, kg))
+    r = 0
+    for i in idx:
+        row, _, n, kt, p = lay[i]
+        w[r:r + n, :, kg // 2 - p:kg // 2 + p + 1] = wp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0)
+        r += n
+    return w.view(w.shape[0], C, kg, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _fwd_conv(x: Tensor, wp: Tensor, bias: Optional[Tensor], oc, ks, per_kt: bool) -> Tensor:
+    B, C, T, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last_3d)
-    out = F.conv3d(xc, _padded_weight(wp, oc, ks), bias, padding=(max(ks) // 2, 0, 0))
-    return out.permute(0, 2, 3, 4, 1)
+    groups = _conv_groups(ks, per_kt)
+    cols = [c for _, c, *_ in _layout(oc, ks)]
+    if len(groups) == 1:  # channels-last in -> channels-last out = the packed [B, T, H, W, sum N] memory
+        return F.conv3d(xc, _group_weight(wp, oc, ks, groups[0]), bias, padding=(max(ks) // 2, 0, 0)).permute(0, 2, 3, 4, 1)
+    y = torch.empty((B, T, H, W, sum(oc)), dtype=x.dtype, device=x.device)
+    for idx in groups:
+        bg = None if bias is None else torch.cat([bias[cols[i]:cols[i] + oc[i]] for i in idx])
+        out = F.conv3d(xc, _group_weight(wp, oc, ks, idx), bg, padding=(max(ks[i] for i in idx) // 2, 0, 0))
+        out, r = out.permute(0, 2, 3, 4, 1), 0
+        for i in idx:
+            y[..., cols[i]:cols[i] + oc[i]] = out[..., r:r + oc[i]]
+            r += oc[i]
+    return y
 
 
-def _bwd_conv(dy: Tensor, x: Tensor, wp: Tensor, oc, ks, need_dx: bool, need_dw: bool):
-    C, pmax = x.shape[1], max(ks) // 2
+def _bwd_conv(dy: Tensor, x: Tensor, wp: Tensor, oc, ks, need_dx: bool, need_dw: bool, per_kt: bool):
+    C = x.shape[1]
     xc = x.contiguous(memory_format=torch.channels_last_3d)
-    dx, dwfull, _ = torch.ops.aten.convolution_backward(
-        dy.permute(0, 4, 1, 2, 3), xc, _padded_weight(wp, oc, ks), None, [1, 1, 1], [pmax, 0, 0],
-        [1, 1, 1], False, [0, 0, 0], 1, [need_dx, need_dw, False])
-    dwp = None
-    if need_dw:
-        dwp = torch.empty(wp.shape, dtype=wp.dtype, device=wp.device)
-        for row, col, n, kt, p in _layout(oc, ks):
-            dwp[row:row + kt * n].view(kt, n, C).copy_(dwfull[col:col + n, :, pmax - p:pmax + p + 1, 0, 0].permute(2, 0, 1))
+    lay = list(_layout(oc, ks))
+    dx, dwp = None, (torch.empty(wp.shape, dtype=wp.dtype, device=wp.device) if need_dw else None)
+    for idx in _conv_groups(ks, per_kt):
+        kg = max(ks[i] for i in idx)
+        gy = torch.cat([dy[..., lay[i][1]:lay[i][1] + oc[i]] for i in idx], -1) if len(idx) < len(oc) else dy
+        dxg, dwg, _ = torch.ops.aten.convolution_backward(
+            gy.permute(0, 4, 1, 2, 3), xc, _group_weight(wp, oc, ks, idx), None, [1, 1, 1], [kg // 2, 0, 0],
+            [1, 1, 1], False, [0, 0, 0], 1, [need_dx, need_dw, False])
+        if need_dx:
+            dx = dxg if dx is None else dx.add_(dxg)
+        if need_dw:
+            r = 0
+            for i in idx:
+                row, _, n, kt, p = lay[i]
+                dwp[row:row + kt * n].view(kt, n, C).copy_(dwg[r:r + n, :, kg // 2 - p:kg // 2 + p + 1, 0, 0].permute(2, 0, 1))
+                r += n
     return dx, dwp
 
 
@@ -352,8 +407,8 @@ def _temporal_proj_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_cha
     backend = _backend(x, out_channels)
     if backend == "triton":
         y = _tk.temporal_proj_fwd(x, weight, bias, out_channels, kernel_sizes, _triton_config(x, out_channels))
-    elif backend == "conv":
-        y = _fwd_conv(x, weight, bias, out_channels, kernel_sizes)
+    elif backend in ("conv", "conv_kt"):
+        y = _fwd_conv(x, weight, bias, out_channels, kernel_sizes, per_kt=backend == "conv_kt")
     else:
         y = _fwd_gemm(x, weight, bias, out_channels, kernel_sizes)
     return _canonical(y)
@@ -382,8 +437,8 @@ def _temporal_proj_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, out_ch
     elif backend == "triton":
         dx, dwp = _tk.temporal_proj_bwd(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw,
                                         _triton_config(x, out_channels))
-    elif backend == "conv":
-        dx, dwp = _bwd_conv(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw)
+    elif backend in ("conv", "conv_kt"):
+        dx, dwp = _bwd_conv(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw, per_kt=backend == "conv_kt")
     else:
         dx, dwp = _bwd_gemm(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw)
     empty = x.new_empty((0,))
