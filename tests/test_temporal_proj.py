@@ -80,7 +80,7 @@ def check_backward(x, ws, bs, seed=1):
         [None if b is None else b.detach().requires_grad_() for b in bs]
     out = temporal_proj(xs, wss, bss)
     g = torch.Generator().manual_seed(seed)
-    gys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in out]
+    gys = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(x.device) for o in out]
     grads = torch.autograd.grad(out, leaves(xs, wss, bss), [gy.to(x.dtype) for gy in gys])
 
     x64 = x.detach().double().requires_grad_()

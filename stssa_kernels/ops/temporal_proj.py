@@ -27,14 +27,17 @@ Backends (chosen per call by the :data:`DISPATCH` table; the benchmark prints wh
 
 * ``"triton"``: the implicit-GEMM Triton kernels (no im2col, no padded taps: each output tile
   loops over its own projection's taps only).
-* ``"gemm"``: the same tap decomposition with torch matmuls (MKL/oneDNN on CPU, cuBLAS on CUDA):
-  one GEMM for the centre tap of every projection at once, one batched GEMM per other tap offset for
-  the projections that have it, accumulated in place into ``Y``.
+* ``"gemm"``: the same tap decomposition with torch matmuls (MKL on CPU, cuBLAS on CUDA): on
+  time-major copies of x and Y (``[T, B*H*W, C]``) every tap is one 2-D GEMM over all clips -- one for
+  the centre tap of every projection at once, one per other tap offset for the projections that have
+  it, accumulated in place -- with no padded-tap FLOPs; the layout copies cost 1/C of the GEMMs.
 * ``"conv"``: one cuDNN/oneDNN ``conv3d`` with every weight concatenated and zero-padded to the largest
   kt -- a single library call, at the price of ``max_kt * sum N`` instead of ``sum kt_i N_i`` tap
   GEMMs (1.75x the FLOPs for three 7-tap + three 1-tap projections of equal width).
 * ``"conv_kt"``: one library ``conv3d`` per distinct kernel size (weights of that size concatenated),
   outputs copied into ``Y``: no padded taps, one extra pass over the output.
+
+Gradients: first order (x, every weight, every bias); a double backward is not implemented.
 
 Autocast: like ``conv3d`` (a lower-precision op on both CUDA and CPU autocast lists), under autocast
 the floating inputs are cast to the autocast dtype (fp16/bf16 on CUDA, bf16 on CPU by default) and the
