@@ -202,12 +202,6 @@ def test_stssa_fused_matches_reference_float64_forward(head):
     torch.testing.assert_close(r[True][0], r[False][0], rtol=1e-12, atol=1e-14)
 
 
-# Known defect of the fused attention3d at the time of writing (2026-11-25): with Dk != Dv (the STSSA head's
-# Q/K width differs from V's) the CPU path keeps the softmax log-sum-exp in a float32 buffer and computes
-# d(gamma) in float32 even for float64 inputs (stssa_kernels/ops/attention3d.py, `_math_forward`'s `lse` and
-# `_torch_backward`'s `dgamma`), so float64 gradients differ from the reference by ~1e-7 relative instead of
-# ~1e-15. Strict: this test starts failing (XPASS) once the op is fixed -- then remove the marker.
-@pytest.mark.xfail(strict=True, reason="attention3d float64 backward is float32-accurate (lse and dgamma in fp32)")
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
 @pytest.mark.parametrize("head", STSSA_HEADS)
 def test_stssa_fused_matches_reference_float64_gradients(head):
