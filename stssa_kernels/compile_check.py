@@ -112,12 +112,40 @@ def _mma_kind(cubin_path: str, tool: str) -> str:
     return "FFMA" if "FFMA" in sass else "-"
 
 
-def check_triton(archs: list[int], tool: str | None) -> list[Row]:
+def _compile_one(modname: str, cc: int, index: int, tool: str | None) -> Row:
+    """Compile spec ``index`` of ``compile_specs(cc)`` of ``modname`` (runs in a worker process)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    rows: list[Row] = []
+    spec = importlib.import_module(modname).compile_specs(cc)[index]
+    row = Row("triton", spec.name, spec.config, f"sm_{cc}")
+    try:
+        attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]] for a, d in spec.attrs.items()}
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        row.smem = int(k.metadata.shared)
+        if tool:
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = _resource_usage(f.name, tool)
+                if usage:
+                    _, _, row.regs, row.spill, _ = usage[0]
+                row.mma = _mma_kind(f.name, tool)
+        if row.spill:
+            row.status = "SPILL"
+        if row.smem > SMEM_LIMIT.get(cc, 49152):
+            row.status = f"SMEM>{SMEM_LIMIT.get(cc, 49152)}"
+    except Exception as e:  # a compile failure is a reported result, not a crash
+        row.status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return row
+
+
+def check_triton(archs: list[int], tool: str | None, jobs: int = 1) -> list[Row]:
+    """Compile every spec; independent compiles run in ``jobs`` processes (each compile is single-threaded)."""
+    tasks = []
     for modname in TRITON_MODULES:
         try:
             mod = importlib.import_module(modname)
@@ -126,31 +154,14 @@ def check_triton(archs: list[int], tool: str | None) -> list[Row]:
                 continue  # op not implemented yet
             raise
         for cc in archs:
-            for spec in mod.compile_specs(cc):
-                row = Row("triton", spec.name, spec.config, f"sm_{cc}")
-                try:
-                    attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]] for a, d in spec.attrs.items()}
-                    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                                    attrs=attrs)
-                    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-                    row.smem = int(k.metadata.shared)
-                    if tool:
-                        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                            f.write(k.asm["cubin"])
-                            f.flush()
-                            usage = _resource_usage(f.name, tool)
-                            if usage:
-                                _, _, row.regs, row.spill, _ = usage[0]
-                            row.mma = _mma_kind(f.name, tool)
-                    if row.spill:
-                        row.status = "SPILL"
-                    if row.smem > SMEM_LIMIT.get(cc, 49152):
-                        row.status = f"SMEM>{SMEM_LIMIT.get(cc, 49152)}"
-                except Exception as e:  # a compile failure is a reported result, not a crash
-                    row.status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                rows.append(row)
-    return rows
+            tasks += [(modname, cc, i, tool) for i in range(len(mod.compile_specs(cc)))]
+    if jobs <= 1 or len(tasks) <= 1:
+        return [_compile_one(*t) for t in tasks]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs,
+                                                mp_context=multiprocessing.get_context("spawn")) as ex:
+        return list(ex.map(_compile_one, *zip(*tasks)))
 
 
 def check_cuda_extension(archs: list[int], tool: str | None) -> list[Row]:
@@ -201,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", action="append", default=None, help="sm_75, sm_80, sm_90 ... (repeatable)")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
     ap.add_argument("--no-cuda-ext", action="store_true", help="skip the compiled CUDA C++ kernels")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = ap.parse_args(argv)
     archs = [int(a.replace("sm_", "")) for a in (args.arch or ["sm_75", "sm_80", "sm_90"])]
     tool = _cuobjdump()
-    rows = check_triton(archs, tool)
+    rows = check_triton(archs, tool, args.jobs)
     if not args.no_cuda_ext:
         rows += check_cuda_extension(archs, tool)
     _print(rows)
