@@ -634,7 +634,7 @@ def _flat(geo: _Geometry):
 PACKED_BLOCK_DK = 32  # Dk chunk of the packed kernels (they loop over Dk)
 # (family, bits) -> (BLOCK_M, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed
 PACKED_CONFIGS = {
-    (75, 16): (32, 32, 4, 1), (75, 32): (32, 32, 4, 1),
+    (75, 16): (32, 32, 8, 1), (75, 32): (32, 32, 4, 1),
     (80, 16): (64, 64, 8, 2), (80, 32): (32, 32, 4, 1),
     (90, 16): (64, 64, 8, 2), (90, 32): (32, 32, 4, 1),
 }
@@ -643,13 +643,18 @@ PACKED_CONFIGS = {
 _MMA16 = {64: ((64, 64, 64, 8, 2), (64, 32, 64, 8, 2)),
           128: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),
           256: ((64, 32, 64, 8, 2), (32, 16, 64, 8, 2))}
-_FFMA = {64: ((64, 32, 32, 8, 1), (32, 32, 32, 8, 1)),
-         128: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
-         256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
+_FFMA16 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),   # sm_75: fp16/bf16 converted to fp32 for FFMA
+           128: ((64, 32, 32, 8, 1), (16, 32, 32, 8, 1)),
+           256: ((32, 32, 32, 8, 1), (16, 16, 32, 8, 1))}
+_FFMA32 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
+           128: ((32, 16, 32, 8, 1), (32, 16, 32, 8, 1)),
+           256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
+# ptxas on sm_90 caps this dk/dv kernel at 128 registers and spills with (32, 16); (16, 32) fits
+_FFMA32_SM90 = {**_FFMA32, 128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1))}
 FLASH_CONFIGS = {
-    (75, 16): _FFMA, (75, 32): _FFMA,
-    (80, 16): _MMA16, (80, 32): _FFMA,
-    (90, 16): _MMA16, (90, 32): _FFMA,
+    (75, 16): _FFMA16, (75, 32): _FFMA32,
+    (80, 16): _MMA16, (80, 32): _FFMA32,
+    (90, 16): _MMA16, (90, 32): _FFMA32_SM90,
 }
 MAX_HEAD_DIM = 256  # q/k channels per head the flash kernels take in one tile
 DELTA_TILE = (64, 64, 4)  # delta pre-pass: (BLOCK_M, BLOCK_DV, num_warps), every arch and dtype
