@@ -235,24 +235,25 @@ def test_autocast_cpu_bfloat16():
 
 @pytest.mark.parametrize("case", ["flash_cpu", "math_epilogue_channels_last"])
 def test_opcheck(case):
-    if case == "flash_cpu":  # Dk == Dv, no epilogue: the backward takes delta from the output
+    if case == "flash_cpu":  # Dk == Dv, no epilogue; the head-dim copies are saved for the backward
         (q, k, v), r, g = _make((1, 8, 1, 9, 8), 8, torch.float32)
         axis, heads = "spatial", 1
         assert A.select(q, k, v, axis, heads).impl == "torch_flash"
-    else:  # Dk != Dv (blocked bmm path), 2 heads, residual + gamma (the saved attention output)
+    else:  # Dk != Dv (bmm path), 2 heads, residual + gamma, sequence copies saved for the backward
         (q, k, v), r, g = _make((2, 4, 3, 2, 3), 6, torch.float32, "channels_last", epilogue=True)
-        axis, heads = "full", 2
+        axis, heads = "temporal", 2
         g = g.float()
     args = [t.requires_grad_() for t in (q, k, v)]
     r = r.requires_grad_() if r is not None else None
     g = g.requires_grad_() if g is not None else None
     torch.library.opcheck(torch.ops.stssa.attention3d.default, (*args, axis, heads, 0.5, r, g))
-    out, lse, attn = torch.ops.stssa.attention3d(*args, axis, heads, 0.5, r, g)
-    o = attn if attn.numel() else out
+    out, lse, saved = torch.ops.stssa.attention3d(*args, axis, heads, 0.5, r, g)
+    keep_out = A._needs_out(A.select(q, k, v, axis, heads), r is not None or g is not None)
+    o = out.detach() if keep_out else q.new_empty(0)
     go = torch.randn_like(out)
     torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
-                          (go, q.detach(), k.detach(), v.detach(), o.detach(), lse, axis, heads, 0.5,
-                           g.detach() if g is not None else None))
+                          (go, q.detach(), k.detach(), v.detach(), o, lse, [t.detach() for t in saved], axis, heads,
+                           0.5, g.detach() if g is not None else None))
 
 
 def test_torch_compile_fullgraph():
@@ -349,7 +350,7 @@ def test_sdpa_efficient_plumbing_on_meta_tensors(axis):
     m = torch.device("meta")
     q = torch.empty(2, 64, 4, 16, 16, device=m, dtype=torch.float16)
     v, r, g = torch.empty_like(q), torch.empty_like(q), torch.empty((), device=m)
-    out, lse, attn = A._sdpa_forward(q, q, v, axis, 2, 0.1, r, g)
+    out, lse, (attn,) = A._sdpa_forward(q, q, v, axis, 2, 0.1, r, g)
     assert out.shape == v.shape and attn.shape[1:] == (2, *TK.seq_count_and_length(q.shape, axis)[1:], 32)
     grads = A._sdpa_backward(torch.empty_like(out), q, q, v, attn, lse, axis, 2, 0.1, g)
     assert [t.shape for t in grads[:3]] == [q.shape] * 3 and grads[3].shape == ()

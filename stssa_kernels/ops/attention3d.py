@@ -2,12 +2,14 @@
 
 Registration (``torch.ops.stssa``):
 
-* ``attention3d(q, k, v, axis, heads, scale, residual?, gamma?) -> (out, lse, attn)``: ``out`` is the
-  result; ``lse`` ([sequences, heads, L] fp32 logsumexp, or the backend's own layout of it) and
-  ``attn`` (the pre-epilogue attention output in sequence layout, empty when the backward does not
-  need it) are saved for the backward.
-* ``_attention3d_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma?) -> (dq, dk, dv, dgamma)``
-  (``dgamma`` is empty without gamma; the residual's gradient is ``grad_out`` itself).
+* ``attention3d(q, k, v, axis, heads, scale, residual?, gamma?) -> (out, lse, saved)``: ``out`` is the
+  result; ``lse`` (per-row logsumexp, fp32 [sequences, heads, L], or the backend's own layout, or
+  empty) and ``saved`` (a backend-specific list: the pre-epilogue attention output for the flash
+  kernels' backward, the sequence-layout copies of q/k/v the CPU path already made) are for the
+  backward and not differentiable.
+* ``_attention3d_backward(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma?)
+  -> (dq, dk, dv, dgamma)`` (``dgamma`` is empty without gamma; the residual's gradient is
+  ``grad_out`` itself).
 
 Both are ``torch.library.custom_op`` s with fake kernels, so ``torch.compile(fullgraph=True)`` traces
 through them as opaque calls, and ``register_autograd`` connects them.
@@ -39,6 +41,7 @@ with ``benchmarks/attn3d.py`` (results under ``benchmarks/results/``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Optional
@@ -145,11 +148,17 @@ def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: 
     raise AssertionError("DISPATCH must end with a catch-all rule")
 
 
+_select_cached = functools.lru_cache(maxsize=1024)(select_for)
+
+
 def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
     """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
     _, L = _tk.seq_count_and_length(q.shape, axis)
-    return select_for(q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads,
-                      _interpret())
+    args = (q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads, _interpret())
+    # eager calls hit the cache; symbolic shapes (torch.compile with dynamic shapes) are not hashable
+    if all(type(a) is not torch.SymInt for a in args[4:7]):
+        return _select_cached(*args)
+    return select_for(*args)
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
@@ -157,28 +166,17 @@ def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
     return select(q, k, v, axis, heads).describe()
 
 
-def _delta_from_rows(c: Choice) -> bool:
-    """Implementations whose backward forms delta = rowsum(P * dP) from complete rows of P itself:
-    they need neither the output nor the pre-epilogue attention saved."""
-    return c.impl == "torch_math" or (c.impl == "triton" and c.plan.kind == "packed")
-
-
-def _saves_attn(c: Choice, epilogue: bool) -> bool:
-    """Whether the forward returns the pre-epilogue attention output for the backward."""
-    if c.impl == "sdpa_efficient":
-        return True  # its backward wants the output in its own sequence layout
-    return epilogue and not _delta_from_rows(c)
-
-
 def _needs_out(c: Choice, epilogue: bool) -> bool:
-    return not epilogue and not _delta_from_rows(c) and c.impl != "sdpa_efficient"
+    """Whether the backward reads the op's output (the flash kernels take delta = rowsum(dY * O) from
+    it when there is no epilogue; with one they save the pre-epilogue attention instead)."""
+    return c.impl == "triton" and c.plan.kind == "flash" and not epilogue
 
 
 # ---------------------------------------------------------------------------------------------------
 # PyTorch implementations (CPU, fp64, sm_75 long sequences)
 # ---------------------------------------------------------------------------------------------------
 
-# Score elements one block of the blocked math path may hold (fp32: 256 MiB).
+# Score elements one block of the math path may hold (fp32: 256 MiB).
 _MATH_BLOCK_ELEMS = 1 << 26
 
 
@@ -226,11 +224,14 @@ def _math_forward(qs, ks, vs, scale):
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
-    out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
-    for i in range(0, L, step):
-        p = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
-        torch.bmm(p, vf, out=out[:, i:i + step])
+    if step >= L:
+        out = torch.bmm(torch.softmax(_math_logits(qf, kf, slice(0, L), scale), dim=-1), vf)
+    else:
+        out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
+        for i in range(0, L, step):
+            p = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
+            torch.bmm(p, vf, out=out[:, i:i + step])
     return out.to(qs.dtype).unflatten(0, (N, h))
 
 
@@ -238,56 +239,89 @@ def _math_backward(dys, qs, ks, vs, scale, gamma):
     """Backward of :func:`_math_forward` given dY (the grad of gamma * attention): returns
     (dq, dk, dv, dgamma or None). dS = P * (dP - rowsum(P * dP)) by autograd's own softmax backward
     on the recomputed P, so saturated rows (one-hot P at large logits) cancel exactly; gamma's
-    gradient sum(dY * A) = sum(P * dY V^T) comes from the same tiles, so nothing is saved."""
+    gradient sum(dY * A) = sum(P * dY V^T) comes from the same tiles, so no output is saved."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf, dyf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dys))
     g = gamma.to(ct) if gamma is not None else None
-    dq = torch.empty_like(qf)
-    dk = torch.zeros_like(kf)
-    dv = torch.zeros_like(vf)
-    dgamma = torch.zeros((), dtype=torch.float64, device=qs.device)
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    dq = torch.empty_like(qf) if step < L else None
+    dk = dv = None
+    dgamma = torch.zeros((), dtype=torch.float64, device=qs.device) if g is not None else None
     for i in range(0, L, step):
         sl = slice(i, i + step)
         p = torch.softmax(_math_logits(qf, kf, sl, scale), dim=-1)
-        dv.baddbmm_(p.transpose(1, 2), dyf[:, sl])
-        dp = torch.bmm(dyf[:, sl], vf.transpose(1, 2))
+        pt, dy = p.transpose(1, 2), dyf[:, sl]
+        dv = torch.bmm(pt, dy) if dv is None else dv.baddbmm_(pt, dy)
+        dp = torch.bmm(dy, vf.transpose(1, 2))
         if g is not None:
             dgamma += (p * dp).sum(dtype=torch.float64)
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
         if g is not None:
             ds.mul_(g)
-        torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
-        dk.baddbmm_(ds.transpose(1, 2), qf[:, sl], alpha=scale)
+        if dq is None:
+            dq = torch.bmm(ds, kf).mul_(scale)
+        else:
+            torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
+        dst = ds.transpose(1, 2)
+        dk = torch.bmm(dst, qf[:, sl]).mul_(scale) if dk is None else dk.baddbmm_(dst, qf[:, sl], alpha=scale)
     if g is not None:
         dv.mul_(g)
     grads = tuple(t.to(qs.dtype).unflatten(0, (N, h)) for t in (dq, dk, dv))
-    return (*grads, dgamma if gamma is not None else None)
+    return (*grads, dgamma)
 
 
-def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, save_attn, flash):
-    qs, ks, vs = (to_seq(t, axis, heads) for t in (q, k, v))
+def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
+    """The sequence-layout view of ``x`` if it needs no copy (None otherwise); a pure function of the
+    strides, so the forward (which saves the copies it makes) and the backward (which re-views what
+    was not saved) agree, eagerly and under fake tensors."""
+    try:
+        y = to_seq(x, axis, heads, allow_copy=False)
+    except (RuntimeError, ValueError):  # eager view / fake-tensor reference view
+        return None
+    return None if unit_last and y.stride(-1) != 1 else y
+
+
+def _seq_inputs(xs, axis, heads, unit_last, saved=None):
+    """Sequence-layout q, k, v: views where possible, else copies (made now, or taken from ``saved``
+    in the backward). Returns (tensors, the copies made)."""
+    out, copies = [], []
+    it = iter(saved or ())
+    for x in xs:
+        y = _seq_view(x, axis, heads, unit_last)
+        if y is None:
+            y = next(it, None) if saved is not None else None
+            if y is None:
+                y = to_seq(x, axis, heads).contiguous() if unit_last else to_seq(x, axis, heads)
+                copies.append(y)
+        out.append(y)
+    return out, copies
+
+
+def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, flash):
+    """Returns (out, lse, saved): saved = the sequence-layout copies of q, k, v that had to be made
+    (the backward re-views the others), plus the attention output for the flash kernel's backward."""
+    (qs, ks, vs), copies = _seq_inputs((q, k, v), axis, heads, flash)
     if flash:
-        attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _unit_last(qs), _unit_last(ks), _unit_last(vs), 0.0, False, scale=scale)
+        attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, False, scale=scale)
     else:
         attn, lse = _math_forward(qs, ks, vs, scale), q.new_empty(0, dtype=torch.float32)
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
-    return out, lse, (attn if save_attn else q.new_empty(0))
+    return out, lse, copies + ([attn] if flash else [])
 
 
-def _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma, flash):
-    qs, ks, vs, dos = (to_seq(t, axis, heads) for t in (q, k, v, grad_out))
+def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, flash):
+    (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, saved[:-1] if flash else saved)
+    dos = to_seq(grad_out, axis, heads)
     if flash:
-        os_ = o if o.dim() == 4 else to_seq(o, axis, heads)
+        os_ = saved[-1]
         dgamma = None
         if gamma is not None:
             acc = torch.promote_types(dos.dtype, torch.float32)  # fp32 for half inputs, fp64 stays fp64
             dgamma = torch.sum(dos.to(acc) * os_.to(acc))
             dos = dos * gamma.to(dos.dtype)
         dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *(_unit_last(t) for t in (dos, qs, ks, vs, os_)), lse, 0.0, False, scale=scale)
+            _unit_last(dos), qs, ks, vs, _unit_last(os_), lse, 0.0, False, scale=scale)
     else:
         dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma)
     grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
@@ -299,7 +333,7 @@ def _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma):
     attn, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         qs, ks, vs, None, True, 0.0, False, scale=scale)
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
-    return out, lse, attn
+    return out, lse, [attn]
 
 
 def _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
@@ -322,89 +356,80 @@ def _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("stssa::attention3d", mutates_args=())
-def _attention3d_op(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int, scale: float,
-                    residual: Optional[Tensor], gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    c = select(q, k, v, axis, heads)
+def _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma):
     if c.impl == "triton":
         g32 = gamma.reshape(()).to(torch.float32) if gamma is not None else None
         out, lse, attn = _tk.forward(q, k, v, axis, heads, scale, residual, g32, c.plan)
-        return out, lse, (attn if attn is not None else q.new_empty(0))
-    return _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma)
+        return out, lse, ([attn] if attn is not None else [])
+    if c.impl == "sdpa_efficient":
+        return _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma)
+    return _torch_forward(q, k, v, axis, heads, scale, residual, gamma, c.impl == "torch_flash")
+
+
+@torch.library.custom_op("stssa::attention3d", mutates_args=())
+def _attention3d_op(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int, scale: float,
+                    residual: Optional[Tensor], gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    return _forward_impl(select(q, k, v, axis, heads), q, k, v, axis, heads, scale, residual, gamma)
 
 
 @_attention3d_op.register_fake
 def _attention3d_fake(q, k, v, axis, heads, scale, residual, gamma):
     c = select(q, k, v, axis, heads)
     if c.impl != "triton":  # PyTorch implementations: their aten ops carry their own fake kernels
-        return _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma)
+        return _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma)
     nseq, L = _tk.seq_count_and_length(q.shape, axis)
     out = torch.empty_like(v)
     lse = q.new_empty((nseq, heads, L), dtype=torch.float32)
-    if _saves_attn(c, residual is not None or gamma is not None):
-        attn = v.new_empty((nseq, heads, L, v.shape[1] // heads))
-    else:
-        attn = q.new_empty(0)
-    return out, lse, attn
-
-
-def _attention3d_impl_torch(c, q, k, v, axis, heads, scale, residual, gamma):
-    if c.impl == "sdpa_efficient":
-        return _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma)
-    return _torch_forward(q, k, v, axis, heads, scale, residual, gamma,
-                          _saves_attn(c, residual is not None or gamma is not None), c.impl == "torch_flash")
+    saved = []
+    if c.plan.kind == "flash" and (residual is not None or gamma is not None):
+        saved = [v.new_empty((nseq, heads, L, v.shape[1] // heads))]
+    return out, lse, saved
 
 
 @torch.library.custom_op("stssa::_attention3d_backward", mutates_args=())
-def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                             axis: str, heads: int, scale: float,
+def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             saved: list[Tensor], axis: str, heads: int, scale: float,
                              gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``o``: the attention output delta is taken from ([N, heads, L, dv] saved attn, or the 5-D output
-    when there is no epilogue), empty where the kernel recomputes delta itself."""
+    """``out``: the forward's output where the backward reads it (else empty); ``lse``/``saved``: what
+    the forward returned for the backward. Returns (dq, dk, dv, dgamma), dgamma empty without gamma."""
     c = select(q, k, v, axis, heads)
     if c.impl == "triton":
         g32 = gamma.reshape(()).to(torch.float32) if gamma is not None else None
+        o = saved[0] if saved else out
         dq, dk, dv, dg = _tk.backward(grad_out, q, k, v, o, lse, axis, heads, scale, g32, c.plan)
     elif c.impl == "sdpa_efficient":
-        dq, dk, dv, dg = _sdpa_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma)
+        dq, dk, dv, dg = _sdpa_backward(grad_out, q, k, v, saved[0], lse, axis, heads, scale, gamma)
     else:
-        dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, o, lse, axis, heads, scale, gamma,
+        dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma,
                                          c.impl == "torch_flash")
     dgamma = dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else q.new_empty(0)
     return dq, dk, dv, dgamma
 
 
 @_attention3d_backward_op.register_fake
-def _attention3d_backward_fake(grad_out, q, k, v, o, lse, axis, heads, scale, gamma):
+def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma):
     dgamma = torch.empty_like(gamma) if gamma is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, axis, heads, scale, residual, gamma = inputs
-    out, lse, attn = output
-    c = select(q, k, v, axis, heads)
+    out, lse, saved = output
     epilogue = residual is not None or gamma is not None
-    if attn.numel() or _saves_attn(c, epilogue):
-        o = attn
-    elif _needs_out(c, epilogue):
-        o = out
-    else:
-        o = None
-    ctx.save_for_backward(q, k, v, o, lse, gamma)
+    keep_out = _needs_out(select(q, k, v, axis, heads), epilogue)
+    ctx.save_for_backward(q, k, v, out if keep_out else None, lse, gamma, *saved)
     ctx.axis, ctx.heads, ctx.scale = axis, heads, scale
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(lse, attn)
+    ctx.mark_non_differentiable(lse, *saved)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_attn):
-    q, k, v, o, lse, gamma = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_saved):
+    q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None, None, None
-    if o is None:
-        o = q.new_empty(0)
     dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(
-        grad_out, q, k, v, o, lse, ctx.axis, ctx.heads, ctx.scale, gamma)
+        grad_out, q, k, v, out if out is not None else q.new_empty(0), lse, saved, ctx.axis, ctx.heads,
+        ctx.scale, gamma)
     dres = grad_out if ctx.has_residual else None
     return dq, dk, dv, None, None, None, dres, (dgamma if gamma is not None else None)
 

@@ -23,19 +23,23 @@ import torch.nn.functional as F
 AXES = ("spatial", "temporal", "full")
 
 
-def to_seq(x: torch.Tensor, axis: str, heads: int) -> torch.Tensor:
-    """[B, D, T, H, W] -> [sequences, heads, L, D/heads] (a view where strides allow, else a copy)."""
+_SEQ_PERM = {"spatial": (0, 3, 1, 4, 5, 2), "temporal": (0, 4, 5, 1, 3, 2), "full": (0, 1, 3, 4, 5, 2)}
+
+
+def to_seq(x: torch.Tensor, axis: str, heads: int, allow_copy: bool = True) -> torch.Tensor:
+    """[B, D, T, H, W] -> [sequences, heads, L, D/heads]: one permute and one reshape, so a view where
+    the strides allow and otherwise exactly one copy. ``allow_copy=False`` raises instead of copying."""
+    if axis not in _SEQ_PERM:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     B, D, T, H, W = x.shape
-    d = D // heads
+    y = x.unflatten(1, (heads, D // heads)).permute(_SEQ_PERM[axis])
     if axis == "spatial":
-        y = x.reshape(B, heads, d, T, H * W).permute(0, 3, 1, 4, 2)  # B, T, heads, HW, d
-        return y.reshape(B * T, heads, H * W, d)
-    if axis == "temporal":
-        y = x.reshape(B, heads, d, T, H * W).permute(0, 4, 1, 3, 2)  # B, HW, heads, T, d
-        return y.reshape(B * H * W, heads, T, d)
-    if axis == "full":
-        return x.reshape(B, heads, d, T * H * W).transpose(-1, -2)
-    raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+        shape = (B * T, heads, H * W, D // heads)
+    elif axis == "temporal":
+        shape = (B * H * W, heads, T, D // heads)
+    else:
+        shape = (B, heads, T * H * W, D // heads)
+    return y.reshape(shape) if allow_copy else y.view(shape)
 
 
 def seq_as_6d(y: torch.Tensor, axis: str, shape) -> torch.Tensor:
