@@ -39,10 +39,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, print_table, sync, write_results  # noqa: E402
+from common import device_info, interleaved, peak_memory, print_table, write_results  # noqa: E402
 
 import stssa_kernels  # noqa: E402,F401
 from stssa_kernels import attention3d  # noqa: E402
@@ -128,40 +127,6 @@ def cpu_peaks(device):
     return bw, 2 * 1024 ** 3 / min(t) / 1e12
 
 
-def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
-    """Median ms per fn, timing the methods round-robin so that load drift (shared CPU) hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[k].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _peak_mem(fn, device):
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
     grad = mode == "fwd+bwd"
     q, k, v, r, gamma = make_inputs(s, dtype, device, grad)
@@ -200,7 +165,7 @@ def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
         return run
 
     fns = {m: step(fn) for m, fn in methods.items()}
-    ms = interleaved(fns, device, warmup, repeats)
+    ms = {k: v["median_ms"] for k, v in interleaved(fns, device, warmup, repeats).items()}
     nbytes, flops = traffic_and_flops(s, axis, dtype, mode)
     bw, tf = peaks
     roof_ms = max(nbytes / (bw * 1e9), flops / (tf * 1e12)) * 1e3 if bw and tf else None
@@ -209,7 +174,7 @@ def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
     for m, t in ms.items():
         rows.append(dict(case=name, axis=axis, mode=mode, method=m, ms=t, gbps=nbytes / t / 1e6,
                          tflops=flops / t / 1e9, roofline=(roof_ms / t) if roof_ms else None,
-                         peak_mem_mb=(lambda b: b / 2**20 if b is not None else None)(_peak_mem(fns[m], device)),
+                         peak_mem_mb=(lambda b: b / 2**20 if b is not None else None)(peak_memory(fns[m], device)),
                          speedup=(best_base / t) if m == "attention3d" else None))
     nseq, L = seq_count_and_length((s["B"], s["dk"], s["T"], s["H"], s["W"]), axis)
     return rows, dict(case=name, axis=axis, mode=mode, seqs=nseq, L=L, dispatch=entry, max_abs_err_vs_fp32=err,

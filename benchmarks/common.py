@@ -111,6 +111,30 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": len(times)}
 
 
+def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
+    """Median ms of each fn, timing the methods round-robin (one call of each per round) so that a
+    drift in machine load (shared CPU) hits every method alike. Device synchronised around calls."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "repeats": len(v)} for k, v in times.items()}
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated on the GPU during one call, above what was allocated before it."""
     if device.type != "cuda":

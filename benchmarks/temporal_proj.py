@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, print_table, sync, write_results  # noqa: E402
+from common import device_info, interleaved, print_table, write_results  # noqa: E402
 
 import stssa_kernels  # noqa: E402
 from stssa_kernels.ops import temporal_proj as tp_ops  # noqa: E402
@@ -58,30 +56,6 @@ CPU_SHAPES = {
     "cpu_roi_t16": dict(B=8, C=256, T=16, H=7, W=7, out=stssa_out(64, 256)),
     "cpu_backbone_t8": dict(B=2, C=256, T=8, H=8, W=8, out=stssa_out(64, 256)),
 }
-
-
-def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
-    """Median ms of each fn, timing the methods round-robin (one call of each per round) so that a
-    drift in machine load (shared CPU) hits every method alike. Device synchronised around calls."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[k].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "repeats": len(v)} for k, v in times.items()}
 
 
 def make_inputs(s: dict, device, dtype, gen):
