@@ -8,6 +8,7 @@ Tolerance rule: error(op vs float64) <= 2 * error(PyTorch composition in the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -49,6 +50,19 @@ def _make(shape_q, dv, dtype, layout="contiguous", epilogue=False, device="cpu",
         return x
 
     return [lay(t) for t in (q, k, v)], (lay(r) if r is not None else None), (gm.to(device) if gm is not None else None)
+
+
+@pytest.fixture
+def cpu_flash():
+    """Route CPU calls that fit the math budget to PyTorch's CPU flash kernel instead (its code path
+    is otherwise only taken by large problems)."""
+    saved = A.DISPATCH
+    A.DISPATCH = tuple(dataclasses.replace(r, max_scores=0) if r.impl == "torch_math" and r.device == "cpu"
+                       and r.max_scores < 1 << 62 else r for r in saved)
+    A._select_cached.cache_clear()
+    yield
+    A.DISPATCH = saved
+    A._select_cached.cache_clear()
 
 
 def _floor(ref, dtype):
@@ -107,10 +121,10 @@ def test_matches_float64(axis, dtype, layout):
 
 
 @pytest.mark.parametrize("axis", AXES)
-def test_equal_head_dims_flash_cpu(axis):
-    # Dk == Dv and L > CPU_MATH_MAX_LEN runs PyTorch's fused CPU flash kernel
+def test_equal_head_dims_flash_cpu(axis, cpu_flash):
+    # Dk == Dv and scores over the CPU math budget run PyTorch's fused CPU flash kernel
     (q, k, v), r, g = _make((2, 8, 3, 9, 9), 8, torch.float32, epilogue=True)
-    assert A.select(q, k, v, axis, 1).impl == ("torch_math" if axis == "temporal" else "torch_flash")
+    assert A.select(q, k, v, axis, 1).impl == "torch_flash"
     check_against_float64(q, k, v, axis, residual=r, gamma=g)
 
 
@@ -160,7 +174,7 @@ def test_gradcheck_float64(axis):
                                     args, fast_mode=True)
 
 
-def test_gradcheck_float64_flash_cpu():
+def test_gradcheck_float64_flash_cpu(cpu_flash):
     (q, k, v), _, g = _make((1, 4, 3, 5, 5), 4, torch.float64, epilogue=True)
     assert A.select(q, k, v, "full", 1).impl == "torch_flash"
     args = [t.requires_grad_() for t in (q, k, v, g)]
@@ -168,8 +182,10 @@ def test_gradcheck_float64_flash_cpu():
 
 
 @pytest.mark.parametrize("shape,dv,impl", [((1, 4, 3, 5, 5), 4, "torch_flash"), ((1, 4, 3, 2, 3), 6, "torch_math")])
-def test_float64_is_float64_accurate(shape, dv, impl):
+def test_float64_is_float64_accurate(shape, dv, impl, request):
     # every statistic (lse, delta, dgamma) of the fp64 path stays in fp64
+    if impl == "torch_flash":
+        request.getfixturevalue("cpu_flash")
     (q, k, v), r, g = _make(shape, dv, torch.float64, epilogue=True)
     assert A.select(q, k, v, "full", 1).impl == impl
     go = torch.randn(v.shape, dtype=torch.float64)
@@ -234,8 +250,9 @@ def test_autocast_cpu_bfloat16():
 
 
 @pytest.mark.parametrize("case", ["flash_cpu", "math_epilogue_channels_last"])
-def test_opcheck(case):
+def test_opcheck(case, request):
     if case == "flash_cpu":  # Dk == Dv, no epilogue; the head-dim copies are saved for the backward
+        request.getfixturevalue("cpu_flash")
         (q, k, v), r, g = _make((1, 8, 1, 9, 8), 8, torch.float32)
         axis, heads = "spatial", 1
         assert A.select(q, k, v, axis, heads).impl == "torch_flash"
@@ -297,11 +314,13 @@ def test_self_attention_module_fused_matches_reference():
 
 def test_dispatch_table():
     f16, f32, f64 = torch.float16, torch.float32, torch.float64
-    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64).impl == "torch_flash"
-    assert A.select_for("cpu", 80, f32, "full", 4096, 16, 64).impl == "torch_math"
-    assert A.select_for("cpu", 80, f32, "temporal", 8, 64, 64).impl == "torch_math"
+    big = 8 * 4096 ** 2  # score elements of B=8 sequences of 4096 tokens
+    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, scores=big).impl == "torch_flash"
+    assert A.select_for("cpu", 80, f32, "full", 4096, 16, 64, scores=big).impl == "torch_math"
+    assert A.select_for("cpu", 80, f32, "full", 392, 64, 64, scores=4 * 392 ** 2).impl == "torch_math"
+    assert A.select_for("cpu", 80, f32, "temporal", 8, 64, 64, scores=1568 * 64).impl == "torch_math"
     assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).impl == "triton"
-    assert A.select_for("cpu", 80, f64, "full", 4096, 64, 64, interpret=True).impl == "torch_flash"
+    assert A.select_for("cpu", 80, f64, "full", 4096, 64, 64, interpret=True, scores=big).impl == "torch_flash"
     assert A.select_for("cuda", 90, f64, "full", 4096, 64, 64).impl == "torch_math"
     # sm_75: long fp16 spatial/full sequences go to the CUTLASS kernel, short ones stay on Triton
     assert A.select_for("cuda", 75, f16, "full", 4096, 128, 128).impl == "sdpa_efficient"
@@ -354,6 +373,26 @@ def test_sdpa_efficient_plumbing_on_meta_tensors(axis):
     assert out.shape == v.shape and attn.shape[1:] == (2, *TK.seq_count_and_length(q.shape, axis)[1:], 32)
     grads = A._sdpa_backward(torch.empty_like(out), q, q, v, attn, lse, axis, 2, 0.1, g)
     assert [t.shape for t in grads[:3]] == [q.shape] * 3 and grads[3].shape == ()
+
+
+def test_sequence_view_rule_agrees_with_view():
+    # the CPU path decides "view or copy" from strides (no exceptions on the hot path); it must agree
+    # with what Tensor.view accepts, or the forward's saved copies and the backward's re-views diverge
+    from stssa_kernels.reference.attention3d import to_seq
+    for shape in [(2, 4, 3, 5, 7), (1, 4, 1, 5, 7), (2, 4, 3, 1, 1), (3, 6, 2, 4, 1)]:
+        big = torch.empty(shape[0], shape[1] + 2, shape[2], shape[3] + 1, shape[4] + 3)
+        layouts = [torch.empty(shape), torch.empty(shape).contiguous(memory_format=torch.channels_last_3d),
+                   big[:, 1:-1, :, 1:, 2:-1],
+                   torch.empty(shape[0], shape[2], shape[1], shape[4], shape[3]).permute(0, 2, 1, 4, 3)]
+        for x in layouts:
+            for axis in AXES:
+                for heads in (1, 2):
+                    try:
+                        to_seq(x, axis, heads, allow_copy=False)
+                        viewable = True
+                    except RuntimeError:
+                        viewable = False
+                    assert (A._seq_view(x, axis, heads, False) is not None) == viewable, (shape, x.stride(), axis)
 
 
 def test_layout_merging():

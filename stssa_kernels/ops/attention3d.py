@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..reference.attention3d import AXES, attention3d_ref, seq_as_6d, to_seq
+from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_as_6d, to_seq
 from ..triton import attention3d as _tk
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain"]
@@ -70,22 +70,25 @@ class Rule:
     axes: tuple = ()
     min_len: int = 0                # sequence-length regime [min_len, max_len]
     max_len: int = 1 << 62
+    max_scores: int = 1 << 62       # score elements of one call (sequences * heads * L^2)
     interpret: Optional[bool] = None  # match only with / without TRITON_INTERPRET=1
     note: str = ""
 
 
 _F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
-#: Longest sequence for which the CPU takes batched bmm/softmax/bmm over PyTorch's CPU flash kernel
-#: (measured with benchmarks/attn3d.py on the 2-core CPU of this project's CI; see the README notes).
-CPU_MATH_MAX_LEN = 64
+#: Score elements (sequences * heads * L^2) up to which the CPU runs batched bmm/softmax/bmm and keeps
+#: P for the backward (fp32: 64 MiB), as the PyTorch composition does. Measured on this project's 2-core
+#: CPU with benchmarks/attn3d.py: faster than PyTorch's CPU flash kernel at every reduced shape
+#: (L = 8..512); larger problems take the flash kernel for its O(L) memory.
+CPU_MATH_MAX_SCORES = 1 << 24
 
 DISPATCH: tuple[Rule, ...] = (
     Rule("triton", device="cpu", interpret=True, dtypes=(_F16, _F32),
          note="TRITON_INTERPRET=1: the GPU kernels on CPU tensors"),
-    Rule("torch_math", device="cpu", max_len=CPU_MATH_MAX_LEN,
-         note="CPU, short sequences: batched bmm/softmax/bmm (measured)"),
-    Rule("torch_flash", device="cpu", note="CPU, Dk == Dv: PyTorch's CPU flash-attention kernel (measured)"),
-    Rule("torch_math", device="cpu", note="CPU, Dk != Dv: blocked bmm/softmax/bmm"),
+    Rule("torch_math", device="cpu", max_scores=CPU_MATH_MAX_SCORES,
+         note="CPU, scores fit 64 MiB: batched bmm/softmax/bmm keeping P (measured)"),
+    Rule("torch_flash", device="cpu", note="CPU, large, Dk == Dv: PyTorch's CPU flash kernel, O(L) memory"),
+    Rule("torch_math", device="cpu", note="CPU, large, Dk != Dv: bmm/softmax/bmm in query blocks"),
     Rule("sdpa_efficient", device="cuda", archs=(75,), dtypes=(_F16,), axes=("full", "spatial"), min_len=256,
          note="sm_75 FFMA tl.dot: long fp16 sequences on CUTLASS tensor cores (UNMEASURED)"),
     Rule("triton", device="cuda", dtypes=(_F16, _BF16, _F32),
@@ -122,14 +125,14 @@ def _cc(device: torch.device) -> int:
 
 
 def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: int, dv: int,
-               interpret: bool = False) -> Choice:
+               interpret: bool = False, scores: int = 0) -> Choice:
     """First rule of ``DISPATCH`` matching (device type, arch, dtype, axis, sequence length) whose
     implementation takes the head dims (dk, dv). ``cc``: compute capability (e.g. 75), for the Triton
     tile tables also on CPU under the interpreter."""
     fam = _tk.arch_family(cc)
     for i, r in enumerate(DISPATCH):
         if (r.device and r.device != device) or (r.dtypes and dtype not in r.dtypes) \
-                or (r.axes and axis not in r.axes) or not (r.min_len <= L <= r.max_len) \
+                or (r.axes and axis not in r.axes) or not (r.min_len <= L <= r.max_len) or scores > r.max_scores \
                 or (r.interpret is not None and r.interpret != interpret) \
                 or (r.archs and (device != "cuda" or fam not in r.archs)):
             continue
@@ -153,10 +156,11 @@ _select_cached = functools.lru_cache(maxsize=1024)(select_for)
 
 def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
     """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
-    _, L = _tk.seq_count_and_length(q.shape, axis)
-    args = (q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads, _interpret())
+    nseq, L = _tk.seq_count_and_length(q.shape, axis)
+    args = (q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads, _interpret(),
+            nseq * heads * L * L)
     # eager calls hit the cache; symbolic shapes (torch.compile with dynamic shapes) are not hashable
-    if all(type(a) is not torch.SymInt for a in args[4:7]):
+    if all(type(a) is not torch.SymInt for a in args[4:7] + args[8:]):
         return _select_cached(*args)
     return select_for(*args)
 
@@ -176,27 +180,35 @@ def _needs_out(c: Choice, epilogue: bool) -> bool:
 # PyTorch implementations (CPU, fp64, sm_75 long sequences)
 # ---------------------------------------------------------------------------------------------------
 
-# Score elements one block of the math path may hold (fp32: 256 MiB).
+# Score elements one block of the math path may hold (fp32: 256 MiB), and the most it keeps for the
+# backward (fp32: 64 MiB; larger problems recompute P in the backward).
 _MATH_BLOCK_ELEMS = 1 << 26
+_MATH_KEEP_P_ELEMS = 1 << 24
+
+
+def _heads6(x: Tensor, heads: int) -> Tensor:
+    """[B, D, T, H, W] -> [B, heads, D/heads, T, H, W] view (Tensor.view: no Python-level unflatten)."""
+    B, D, T, H, W = x.shape
+    return x.view(B, heads, D // heads, T, H, W)
 
 
 def _write_back(dst: Tensor, y_seq: Tensor, axis: str, heads: int) -> Tensor:
     """Copy a [N, heads, L, d] tensor into the [B, heads*d, T, H, W] tensor ``dst`` (one strided copy)."""
-    dst.unflatten(1, (heads, -1)).copy_(seq_as_6d(y_seq, axis, dst.shape))
+    _heads6(dst, heads).copy_(seq_as_6d(y_seq, axis, dst.shape))
     return dst
 
 
 def _epilogue_into(out: Tensor, attn_seq: Tensor, axis: str, heads: int, residual, gamma) -> Tensor:
     a6 = seq_as_6d(attn_seq, axis, out.shape)
-    o6 = out.unflatten(1, (heads, -1))
+    o6 = _heads6(out, heads)
     if residual is None and gamma is None:
         o6.copy_(a6)
     elif residual is None:
         torch.mul(a6, gamma.to(out.dtype), out=o6)
     elif gamma is None:
-        torch.add(residual.unflatten(1, (heads, -1)), a6, out=o6)
+        torch.add(_heads6(residual, heads), a6, out=o6)
     else:
-        torch.addcmul(residual.unflatten(1, (heads, -1)), gamma.to(out.dtype), a6, out=o6)
+        torch.addcmul(_heads6(residual, heads), gamma.to(out.dtype), a6, out=o6)
     return out
 
 
@@ -217,69 +229,90 @@ def _math_logits(qf, kf, sl, scale):
                          beta=0.0, alpha=scale)
 
 
+def _math_keeps_p(N: int, h: int, L: int) -> bool:
+    """Whether the math path keeps P for its backward (as autograd would for the bmm/softmax/bmm
+    composition) instead of recomputing it: when all scores fit the single-block budget."""
+    return N * h * L * L <= min(_MATH_KEEP_P_ELEMS, _MATH_BLOCK_ELEMS)
+
+
 def _math_forward(qs, ks, vs, scale):
     """softmax(scale q k^T) v with batched GEMMs and PyTorch's fused softmax, in blocks of queries
-    (one block unless the scores would pass _MATH_BLOCK_ELEMS). Saves no statistics: the backward
-    recomputes P with the same kernels, bit for bit."""
+    (one block unless the scores would pass _MATH_BLOCK_ELEMS). Returns (out, P or None): P is kept
+    when small (``_math_keeps_p``), else the backward recomputes it with the same kernels, bit for bit."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    p = None
     if step >= L:
-        out = torch.bmm(torch.softmax(_math_logits(qf, kf, slice(0, L), scale), dim=-1), vf)
+        p = torch.softmax(_math_logits(qf, kf, slice(0, L), scale), dim=-1)
+        out = torch.bmm(p, vf)
     else:
         out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
         for i in range(0, L, step):
-            p = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
-            torch.bmm(p, vf, out=out[:, i:i + step])
-    return out.to(qs.dtype).unflatten(0, (N, h))
+            pi = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
+            torch.bmm(pi, vf, out=out[:, i:i + step])
+    return out.to(qs.dtype).view(N, h, L, vs.shape[-1]), (p if _math_keeps_p(N, h, L) else None)
 
 
-def _math_backward(dys, qs, ks, vs, scale, gamma):
-    """Backward of :func:`_math_forward` given dY (the grad of gamma * attention): returns
-    (dq, dk, dv, dgamma or None). dS = P * (dP - rowsum(P * dP)) by autograd's own softmax backward
-    on the recomputed P, so saturated rows (one-hot P at large logits) cancel exactly; gamma's
-    gradient sum(dY * A) = sum(P * dY V^T) comes from the same tiles, so no output is saved."""
+def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
+    """Backward of :func:`_math_forward` given dY (the grad of ``gamma * attention``): returns
+    (dq, dk, dv, dgamma or None). dS = P * (dP - rowsum(P * dP)) by autograd's own softmax backward on
+    the forward's P (kept or recomputed bit for bit), so saturated rows (one-hot P at large logits)
+    cancel exactly. gamma stays out of the L^2-sized work: dP and dS are formed for dY and gamma scales
+    dq, dk, dv; and dgamma = sum(dY * A) = sum(V * P^T dY) reuses dV's GEMM, so no output is saved."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
     qf, kf, vf, dyf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dys))
-    g = gamma.to(ct) if gamma is not None else None
     step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
     dq = torch.empty_like(qf) if step < L else None
     dk = dv = None
-    dgamma = torch.zeros((), dtype=torch.float64, device=qs.device) if g is not None else None
     for i in range(0, L, step):
         sl = slice(i, i + step)
-        p = torch.softmax(_math_logits(qf, kf, sl, scale), dim=-1)
+        p = p_saved if p_saved is not None else torch.softmax(_math_logits(qf, kf, sl, scale), dim=-1)
         pt, dy = p.transpose(1, 2), dyf[:, sl]
         dv = torch.bmm(pt, dy) if dv is None else dv.baddbmm_(pt, dy)
-        dp = torch.bmm(dy, vf.transpose(1, 2))
-        if g is not None:
-            dgamma += (p * dp).sum(dtype=torch.float64)
-        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-        if g is not None:
-            ds.mul_(g)
+        ds = torch._softmax_backward_data(torch.bmm(dy, vf.transpose(1, 2)), p, -1, p.dtype)
         if dq is None:
-            dq = torch.bmm(ds, kf).mul_(scale)
+            dq = torch.bmm(ds, kf)
         else:
-            torch.bmm(ds, kf, out=dq[:, sl]).mul_(scale)
+            torch.bmm(ds, kf, out=dq[:, sl])
         dst = ds.transpose(1, 2)
-        dk = torch.bmm(dst, qf[:, sl]).mul_(scale) if dk is None else dk.baddbmm_(dst, qf[:, sl], alpha=scale)
-    if g is not None:
+        dk = torch.bmm(dst, qf[:, sl]) if dk is None else dk.baddbmm_(dst, qf[:, sl])
+    dgamma = None
+    if gamma is not None:
+        g = gamma.to(ct)
+        dgamma = (vf * dv).sum(dtype=torch.float64)
         dv.mul_(g)
-    grads = tuple(t.to(qs.dtype).unflatten(0, (N, h)) for t in (dq, dk, dv))
+        alpha = g * scale
+    else:
+        alpha = scale
+    dq.mul_(alpha)
+    dk.mul_(alpha)
+    grads = tuple(t.to(qs.dtype).view(N, h, L, t.shape[-1]) for t in (dq, dk, dv))
     return (*grads, dgamma)
+
+
+# dims of the permuted [.., heads, .., d] 6-D view (reference.to_seq) that merge into one sequence dim
+_SEQ_GROUPS = {"spatial": ((0, 1), (2,), (3, 4), (5,)), "temporal": ((0, 1, 2), (3,), (4,), (5,)),
+               "full": ((0,), (1,), (2, 3, 4), (5,))}
 
 
 def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
     """The sequence-layout view of ``x`` if it needs no copy (None otherwise); a pure function of the
     strides, so the forward (which saves the copies it makes) and the backward (which re-views what
     was not saved) agree, eagerly and under fake tensors."""
-    try:
-        y = to_seq(x, axis, heads, allow_copy=False)
-    except (RuntimeError, ValueError):  # eager view / fake-tensor reference view
+    if x.numel() == 0:
+        return to_seq(x, axis, heads)  # reshape views any empty tensor
+    y6 = _heads6(x, heads).permute(_SEQ_PERM[axis])
+    size, stride = y6.shape, y6.stride()
+    for group in _SEQ_GROUPS[axis]:
+        dims = [i for i in group if size[i] != 1]
+        if any(stride[a] != stride[b] * size[b] for a, b in zip(dims, dims[1:])):
+            return None
+    if unit_last and stride[5] != 1:
         return None
-    return None if unit_last and y.stride(-1) != 1 else y
+    return to_seq(x, axis, heads)  # a view now
 
 
 def _seq_inputs(xs, axis, heads, unit_last, saved=None):
@@ -305,13 +338,15 @@ def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, flash):
     if flash:
         attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, False, scale=scale)
     else:
-        attn, lse = _math_forward(qs, ks, vs, scale), q.new_empty(0, dtype=torch.float32)
+        (attn, p), lse = _math_forward(qs, ks, vs, scale), q.new_empty(0, dtype=torch.float32)
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
-    return out, lse, copies + ([attn] if flash else [])
+    return out, lse, copies + ([attn] if flash else [p] if p is not None else [])
 
 
 def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, flash):
-    (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, saved[:-1] if flash else saved)
+    nseq, L = _tk.seq_count_and_length(q.shape, axis)
+    last = flash or _math_keeps_p(nseq, heads, L)  # saved = copies + [attention output | P]
+    (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, saved[:-1] if last else saved)
     dos = to_seq(grad_out, axis, heads)
     if flash:
         os_ = saved[-1]
@@ -323,7 +358,7 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
         dqs, dks, dvs = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _unit_last(dos), qs, ks, vs, _unit_last(os_), lse, 0.0, False, scale=scale)
     else:
-        dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma)
+        dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma, saved[-1] if last else None)
     grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
     return (*grads, dgamma)
 
