@@ -57,8 +57,8 @@ def cpu_flash():
     """Route CPU calls that fit the math budget to PyTorch's CPU flash kernel instead (its code path
     is otherwise only taken by large problems)."""
     saved = A.DISPATCH
-    A.DISPATCH = tuple(dataclasses.replace(r, max_scores=0) if r.impl == "torch_math" and r.device == "cpu"
-                       and r.max_scores < 1 << 62 else r for r in saved)
+    A.DISPATCH = tuple(dataclasses.replace(r, max_len=0) if r.impl == "torch_math" and r.device == "cpu"
+                       and r.max_len < 1 << 62 else r for r in saved)
     A._select_cached.cache_clear()
     yield
     A.DISPATCH = saved
@@ -318,6 +318,8 @@ def test_dispatch_table():
     assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, scores=big).impl == "torch_flash"
     assert A.select_for("cpu", 80, f32, "full", 4096, 16, 64, scores=big).impl == "torch_math"
     assert A.select_for("cpu", 80, f32, "full", 392, 64, 64, scores=4 * 392 ** 2).impl == "torch_math"
+    assert A.select_for("cpu", 80, f32, "full", 2048, 64, 64, scores=2 * 2048 ** 2).impl == "torch_flash"
+    assert A.select_for("cpu", 80, f32, "spatial", 256, 64, 64, scores=1 << 25).impl == "torch_flash"
     assert A.select_for("cpu", 80, f32, "temporal", 8, 64, 64, scores=1568 * 64).impl == "torch_math"
     assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).impl == "triton"
     assert A.select_for("cpu", 80, f64, "full", 4096, 64, 64, interpret=True, scores=big).impl == "torch_flash"

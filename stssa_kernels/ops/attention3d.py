@@ -76,19 +76,20 @@ class Rule:
 
 
 _F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
-#: Score elements (sequences * heads * L^2) up to which the CPU runs batched bmm/softmax/bmm and keeps
-#: P for the backward (fp32: 64 MiB), as the PyTorch composition does. Measured on this project's 2-core
-#: CPU with benchmarks/attn3d.py: faster than PyTorch's CPU flash kernel at every reduced shape
-#: (L = 8..512); larger problems take the flash kernel for its O(L) memory.
+#: CPU regime of batched bmm/softmax/bmm keeping P for the backward (as the PyTorch composition does):
+#: sequences up to CPU_MATH_MAX_LEN tokens whose scores (sequences * heads * L^2) fit 64 MiB in fp32.
+#: Measured with benchmarks/attn3d.py on this project's 2-core CPU (results/attn3d_cpu-*.json): the bmm
+#: composition beats PyTorch's CPU flash kernel up to L = 512 and loses to it at L = 2048 (1.2-1.4x).
+CPU_MATH_MAX_LEN = 512
 CPU_MATH_MAX_SCORES = 1 << 24
 
 DISPATCH: tuple[Rule, ...] = (
     Rule("triton", device="cpu", interpret=True, dtypes=(_F16, _F32),
          note="TRITON_INTERPRET=1: the GPU kernels on CPU tensors"),
-    Rule("torch_math", device="cpu", max_scores=CPU_MATH_MAX_SCORES,
-         note="CPU, scores fit 64 MiB: batched bmm/softmax/bmm keeping P (measured)"),
-    Rule("torch_flash", device="cpu", note="CPU, large, Dk == Dv: PyTorch's CPU flash kernel, O(L) memory"),
-    Rule("torch_math", device="cpu", note="CPU, large, Dk != Dv: bmm/softmax/bmm in query blocks"),
+    Rule("torch_math", device="cpu", max_len=CPU_MATH_MAX_LEN, max_scores=CPU_MATH_MAX_SCORES,
+         note="CPU, L <= 512: batched bmm/softmax/bmm keeping P (measured)"),
+    Rule("torch_flash", device="cpu", note="CPU, long, Dk == Dv: PyTorch's CPU flash kernel (measured)"),
+    Rule("torch_math", device="cpu", note="CPU, long, Dk != Dv: bmm/softmax/bmm in query blocks"),
     Rule("sdpa_efficient", device="cuda", archs=(75,), dtypes=(_F16,), axes=("full", "spatial"), min_len=256,
          note="sm_75 FFMA tl.dot: long fp16 sequences on CUTLASS tensor cores (UNMEASURED)"),
     Rule("triton", device="cuda", dtypes=(_F16, _BF16, _F32),
