@@ -33,6 +33,7 @@ entries, every number) and a PNG plot next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -201,7 +202,7 @@ def plot(rows, path, title):
         ax.set_yscale("log")
         ax.set_ylabel(f"{mode} median ms (log)")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-        ax.set_xticklabels([f"{c}\n{a}" for c, a in keys], fontsize=7)
+        ax.set_xticklabels([f"{c.removeprefix('cpu_')} {a}" for c, a in keys], fontsize=7, rotation=35, ha="right")
         ax.legend(fontsize=7)
     axs[0, 0].set_title(title)
     fig.tight_layout()
@@ -218,7 +219,13 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=None, help="default 30 on GPU, 7 on CPU")
+    ap.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            doc = json.load(f)
+        plot(doc["rows"], args.replot[:-5] + ".png", f"attention3d vs PyTorch ({doc['device']['name']}, {doc['dtype']})")
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
