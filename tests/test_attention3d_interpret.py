@@ -116,6 +116,20 @@ def test_deterministic_backward():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("axis,shape", [("full", (1, 4, 3, 5, 5)), ("temporal", (2, 4, 4, 2, 2))])
+def test_opcheck_triton_path(axis, shape):
+    # the Triton implementation's fake kernel (incl. the flash path's saved attention) and autograd
+    # registration; the op is a custom_op, so opcheck runs under the interpreter too
+    (q, k, v), r, g = _make(shape, 6, torch.float32, epilogue=True)
+    args = [t.requires_grad_() for t in (q, k, v, r, g.float())]
+    assert A.select(q, k, v, axis, 2).kernel == ("triton-flash" if axis == "full" else "triton-packed")
+    torch.library.opcheck(torch.ops.stssa.attention3d.default, (*args[:3], axis, 2, 0.5, *args[3:]))
+    out, lse, saved = torch.ops.stssa.attention3d(*args[:3], axis, 2, 0.5, *args[3:])
+    torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), q.new_empty(0), lse,
+                           [t.detach() for t in saved], axis, 2, 0.5, args[4].detach()))
+
+
 def test_float64_is_not_sent_to_triton():
     (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float64)
     assert A.select(q, k, v, "spatial", 1).impl.startswith("torch_")
