@@ -758,7 +758,7 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
         G = max(1, t.block_m // L)
         n_prog = triton.cdiv(nseqh, G)
         n_chunks = triton.cdiv(dv, t.block_dv)
-        groups = min(n_chunks, max(1, triton.cdiv(MIN_PROGRAMS, n_prog))) if q.is_cuda else 1
+        groups = min(n_chunks, max(1, triton.cdiv(MIN_PROGRAMS, n_prog)))
         per_prog = triton.cdiv(n_chunks, groups) * t.block_dv
         groups = triton.cdiv(dv, per_prog)
         # token-major rows when neighbouring sequences are closer in memory than neighbouring tokens
