@@ -855,8 +855,11 @@ def _spec(fn, name: str, config: str, dtype: str, constexprs: dict, num_warps: i
             sig[a] = "fp32"
         else:
             sig[a] = "i32"
+    # torch allocations are 16-byte aligned, which Triton's JIT sees and specialises on; strides are
+    # left unspecialised (the generic-layout build, the heaviest in registers)
+    attrs = {a: 16 for a in fn.arg_names if a in _DATA_PTRS or a in _FP32_PTRS}
     return KernelSpec(name=name, config=config, fn=fn, signature=sig, constexprs=constexprs,
-                      num_warps=num_warps, num_stages=num_stages)
+                      num_warps=num_warps, num_stages=num_stages, attrs=attrs)
 
 
 def compile_specs(cc: int):
