@@ -32,7 +32,7 @@ def to_seq(x: torch.Tensor, axis: str, heads: int, allow_copy: bool = True) -> t
     if axis not in _SEQ_PERM:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     B, D, T, H, W = x.shape
-    y = x.unflatten(1, (heads, D // heads)).permute(_SEQ_PERM[axis])
+    y = x.view(B, heads, D // heads, T, H, W).permute(_SEQ_PERM[axis])
     if axis == "spatial":
         shape = (B * T, heads, H * W, D // heads)
     elif axis == "temporal":
