@@ -81,6 +81,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one ``fn()`` call: CUDA events on GPU (waits for the kernels), wall clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 20,
             min_time: float = 0.0) -> dict:
     """Median wall time of ``fn()`` in ms with the device synchronised around every call.
@@ -93,17 +107,7 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     times = []
     total = 0.0
     while len(times) < repeats or total < min_time:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            dt = (time.perf_counter() - t0) * 1e3
+        dt = timed_call(fn, device)
         times.append(dt)
         total += dt / 1e3
         if len(times) >= 10 * repeats:
@@ -121,17 +125,7 @@ def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[k].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append(timed_call(fn, device))
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "repeats": len(v)} for k, v in times.items()}
 
 
