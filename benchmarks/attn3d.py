@@ -148,7 +148,7 @@ def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
         except RuntimeError as e:
             notes[f"sdpa[{bname}]"] = "skipped: " + str(e).strip().splitlines()[0][:90]
     methods["attention3d"] = lambda: attention3d(q, k, v, axis, residual=r, gamma=gamma)
-    entry = attn_ops.explain(q, k, v, axis)
+    entry = attn_ops.explain(q, k, v, axis, grad=grad)
 
     with torch.no_grad():
         ref = attention3d_ref(q.float(), k.float(), v.float(), axis, 1, None, r.float(), gamma.float())
@@ -218,7 +218,7 @@ def main(argv=None):
     ap.add_argument("--axes", nargs="*", default=list(AXES))
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=None, help="default 30 on GPU, 7 on CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="default 30 on GPU, 21 on CPU")
     ap.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     args = ap.parse_args(argv)
     if args.replot:
@@ -233,7 +233,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("fp32" if cpu else "fp16")]
     table = CPU_SHAPES if cpu else GPU_SHAPES
     shapes = {k: table[k] for k in (args.shapes or table)}
-    repeats = args.repeats or (7 if cpu else 30)
+    repeats = args.repeats or (21 if cpu else 30)
     info = device_info(device)
     if cpu:
         bw, tf = cpu_peaks(device)

@@ -59,10 +59,10 @@ def cpu_flash():
     saved = A.DISPATCH
     A.DISPATCH = tuple(dataclasses.replace(r, max_len=0) if r.impl == "torch_math" and r.device == "cpu"
                        and r.max_len < 1 << 62 else r for r in saved)
-    A._select_cached.cache_clear()
+    A.clear_dispatch_cache()
     yield
     A.DISPATCH = saved
-    A._select_cached.cache_clear()
+    A.clear_dispatch_cache()
 
 
 def _floor(ref, dtype):
@@ -146,8 +146,26 @@ def test_sequence_length_one(axis, shape):
 def test_blocked_math_path_bounded_memory(monkeypatch):
     # Dk != Dv falls back to blocked bmm/softmax/bmm; force several query blocks
     monkeypatch.setattr(A, "_MATH_BLOCK_ELEMS", 64)
-    (q, k, v), r, g = _make((1, 4, 2, 5, 5), 6, torch.float32, epilogue=True)
-    check_against_float64(q, k, v, "full", residual=r, gamma=g)
+    A.clear_dispatch_cache()
+    try:
+        (q, k, v), r, g = _make((1, 4, 2, 5, 5), 6, torch.float32, epilogue=True)
+        c, cpp = A._eager_plan("cpu", A._cc(q.device), q.dtype, q.shape, v.shape[1], "full", 1, True, False)
+        assert c.impl == "torch_math" and not cpp  # the Python blocked path, not the one-block C++ op
+        check_against_float64(q, k, v, "full", residual=r, gamma=g)
+    finally:
+        A.clear_dispatch_cache()
+
+
+def test_small_cpu_problems_take_the_cpp_op(monkeypatch):
+    calls = []
+    real = A._ATTENTION3D_CPU
+    monkeypatch.setattr(A, "_ATTENTION3D_CPU", lambda *a: calls.append(a[3]) or real(*a))
+    (q, k, v), r, g = _make((2, 4, 3, 5, 4), 6, torch.float32, epilogue=True)
+    for axis in AXES:
+        attention3d(q.requires_grad_(), k, v, axis, residual=r, gamma=g).sum().backward()
+        with torch.no_grad():
+            attention3d(q, k, v, axis)
+    assert calls == [a for a in AXES for _ in range(2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -271,6 +289,80 @@ def test_opcheck(case, request):
     torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
                           (go, q.detach(), k.detach(), v.detach(), o, lse, [t.detach() for t in saved], axis, heads,
                            0.5, g.detach() if g is not None else None))
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_eager_path_matches_registered_op(axis, layout):
+    """Plain eager calls skip the custom_op's dispatcher round trips (one autograd.Function over the same
+    implementations); results and gradients must equal the registered op's bit for bit."""
+    (q, k, v), r, g = _make((2, 4, 3, 5, 4), 6, torch.float32, layout, epilogue=True, seed=3)
+    g = g.float()
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
+    scale = 2 ** -0.5
+    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=scale, residual=a[3], gamma=a[4]),
+                   [q, k, v, r, g], go)
+    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, scale, a[3], a[4])[0], [q, k, v, r, g], go)
+    assert torch.equal(eager[0], op[0])
+    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
+        assert torch.equal(a, b), name
+
+
+def test_eager_path_only_where_nothing_else_looks(monkeypatch):
+    """Torch-function modes, autocast and torch.compile must see the registered op (its autocast rule,
+    fake kernel and schema); only plain eager calls take the fast path."""
+    calls = []
+    real = A._attention3d_eager
+    monkeypatch.setattr(A, "_attention3d_eager", lambda *a: calls.append(a[3]) or real(*a))
+    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 4, torch.float32)
+    expect = attention3d(q, k, v, "spatial")
+    assert len(calls) == 1
+    with torch.device("cpu"):  # a TorchFunctionMode
+        torch.testing.assert_close(attention3d(q, k, v, "spatial"), expect)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention3d(q, k, v, "spatial").dtype == torch.bfloat16  # the op's autocast rule ran
+    compiled = torch.compile(lambda q, k, v: attention3d(q, k, v, "spatial"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), expect)
+    assert len(calls) == 1
+
+
+def test_eager_double_backward_is_a_clear_error(request):
+    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 4, torch.float64)
+    q.requires_grad_()
+    # the C++ CPU op (small problems) refuses create_graph=True at once
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
+    # the Python autograd.Function (other implementations) goes through the registered backward op,
+    # whose node names it when the double backward reaches it
+    request.getfixturevalue("cpu_flash")
+    (dq,) = torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="_attention3d_backward"):
+        dq.sum().backward()
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_cpp_cpu_op_registration(axis):
+    """stssa::_attention3d_cpu (the eager CPU path of small problems): schema, fake kernel, C++ autograd."""
+    (q, k, v), r, g = _make((2, 4, 3, 2, 5), 6, torch.float32, "channels_last", epilogue=True)
+    args = [t.requires_grad_() for t in (q, k, v, r, g.float())]
+    torch.library.opcheck(torch.ops.stssa._attention3d_cpu.default, (*args[:3], axis, 2, 0.5, *args[3:]),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = torch.ops.stssa._attention3d_cpu(*args[:3], axis, 2, 0.5, *args[3:])
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_cpu_inference_rule():
+    """Without a backward the CPU flash kernel takes large frames (measured faster there); with one, the
+    bmm path that keeps P. Both agree with float64 by the 2x rule."""
+    (q, k, v), _, _ = _make((2, 8, 2, 14, 14), 8, torch.float32, seed=5)
+    assert A.select(q, k, v, "spatial", 1, grad=False).impl == "torch_flash"
+    assert A.select(q, k, v, "spatial", 1, grad=True).impl == "torch_math"
+    assert A.select(q, k, v, "temporal", 1, grad=False).impl == "torch_math"
+    ref = attention3d_ref(q.double(), k.double(), v.double(), "spatial")
+    with torch.no_grad():
+        out = attention3d(q, k, v, "spatial")
+    base = (attention3d_ref(q, k, v, "spatial").double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * base + _floor(ref, torch.float32)
 
 
 def test_torch_compile_fullgraph():

@@ -14,6 +14,14 @@ Registration (``torch.ops.stssa``):
 Both are ``torch.library.custom_op`` s with fake kernels, so ``torch.compile(fullgraph=True)`` traces
 through them as opaque calls, and ``register_autograd`` connects them.
 
+Plain eager calls (no torch.compile, fake tensors, dispatch or torch-function modes, functorch
+transforms, tensor subclasses or autocast) skip the custom_op's dispatcher round trips, which cost as
+much as the arithmetic of a small problem on the CPU: the same implementation runs through one
+``torch.autograd.Function``, and the CPU math path of problems whose scores fit one block runs as the
+C++ op ``stssa::_attention3d_cpu`` (csrc/cpu/attention3d_math.cpp: C++ autograd, the same ATen calls in
+the same order, so its results equal the registered op's bit for bit). Without a backward to follow,
+the eager path may also pick a different rule (``Rule.grad``).
+
 Dispatch is data (``DISPATCH``): the first rule matching (device, arch, dtype, axis, sequence length)
 whose implementation supports the shapes runs. Implementations:
 
@@ -49,10 +57,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _ext  # noqa: F401  (the C++ library defines stssa::_attention3d_cpu)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_as_6d, to_seq
 from ..triton import attention3d as _tk
 
-__all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain"]
+__all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain",
+           "clear_dispatch_cache"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Architecture whose Triton tile tables are used for CPU tensors under TRITON_INTERPRET=1
@@ -72,6 +82,8 @@ class Rule:
     max_len: int = 1 << 62
     max_scores: int = 1 << 62       # score elements of one call (sequences * heads * L^2)
     interpret: Optional[bool] = None  # match only with / without TRITON_INTERPRET=1
+    grad: Optional[bool] = None     # match only when a backward will / will not follow (the eager path
+                                    # knows; the registered op and torch.compile assume one will)
     note: str = ""
 
 
@@ -82,10 +94,17 @@ _F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
 #: composition beats PyTorch's CPU flash kernel up to L = 512 and loses to it at L = 2048 (1.2-1.4x).
 CPU_MATH_MAX_LEN = 512
 CPU_MATH_MAX_SCORES = 1 << 24
+#: Without a backward (eager inference) the flash kernel wins earlier on frames: measured on the same
+#: CPU (forward only, B*T = 16 frames, d = 64): 14x14 3.4-4.2 ms vs 4.0-4.8 ms for bmm/softmax/bmm,
+#: 16x16 6.8-8.0 vs 7.2-9.9; a tie at 10x10 and 12x12, a loss on short temporal sequences (L = 8..32)
+#: and a tie on the full axis at L = 512 with 2 sequences.
+CPU_FLASH_NOGRAD_MIN_LEN = 196
 
 DISPATCH: tuple[Rule, ...] = (
     Rule("triton", device="cpu", interpret=True, dtypes=(_F16, _F32),
          note="TRITON_INTERPRET=1: the GPU kernels on CPU tensors"),
+    Rule("torch_flash", device="cpu", grad=False, axes=("spatial",), min_len=CPU_FLASH_NOGRAD_MIN_LEN,
+         note="CPU, no backward, frames >= 14x14, Dk == Dv: PyTorch's CPU flash kernel (measured)"),
     Rule("torch_math", device="cpu", max_len=CPU_MATH_MAX_LEN, max_scores=CPU_MATH_MAX_SCORES,
          note="CPU, L <= 512: batched bmm/softmax/bmm keeping P (measured)"),
     Rule("torch_flash", device="cpu", note="CPU, long, Dk == Dv: PyTorch's CPU flash kernel (measured)"),
@@ -126,7 +145,7 @@ def _cc(device: torch.device) -> int:
 
 
 def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: int, dv: int,
-               interpret: bool = False, scores: int = 0) -> Choice:
+               interpret: bool = False, scores: int = 0, grad: bool = True) -> Choice:
     """First rule of ``DISPATCH`` matching (device type, arch, dtype, axis, sequence length) whose
     implementation takes the head dims (dk, dv). ``cc``: compute capability (e.g. 75), for the Triton
     tile tables also on CPU under the interpreter."""
@@ -135,6 +154,7 @@ def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: 
         if (r.device and r.device != device) or (r.dtypes and dtype not in r.dtypes) \
                 or (r.axes and axis not in r.axes) or not (r.min_len <= L <= r.max_len) or scores > r.max_scores \
                 or (r.interpret is not None and r.interpret != interpret) \
+                or (r.grad is not None and r.grad != grad) \
                 or (r.archs and (device != "cuda" or fam not in r.archs)):
             continue
         if r.impl == "triton":
@@ -155,20 +175,28 @@ def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: 
 _select_cached = functools.lru_cache(maxsize=1024)(select_for)
 
 
-def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int) -> Choice:
-    """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes)."""
+def clear_dispatch_cache() -> None:
+    """Forget cached dispatch decisions: call after replacing ``DISPATCH`` (or its thresholds) at runtime."""
+    _select_cached.cache_clear()
+    _eager_plan.cache_clear()
+
+
+def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int, grad: bool = True) -> Choice:
+    """The dispatch decision for these inputs (a pure function of device, arch, dtype and shapes, and of
+    whether a backward will follow)."""
     nseq, L = _tk.seq_count_and_length(q.shape, axis)
     args = (q.device.type, _cc(q.device), q.dtype, axis, L, q.shape[1] // heads, v.shape[1] // heads, _interpret(),
-            nseq * heads * L * L)
+            nseq * heads * L * L, grad)
     # eager calls hit the cache; symbolic shapes (torch.compile with dynamic shapes) are not hashable
-    if all(type(a) is not torch.SymInt for a in args[4:7] + args[8:]):
+    if all(type(a) is not torch.SymInt for a in args[4:7] + args[8:9]):
         return _select_cached(*args)
     return select_for(*args)
 
 
-def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1) -> str:
-    """Human-readable dispatch entry for these inputs (printed by the benchmark)."""
-    return select(q, k, v, axis, heads).describe()
+def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1, grad: bool = True) -> str:
+    """Human-readable dispatch entry for these inputs (printed by the benchmark); ``grad``: whether a
+    backward follows (eager calls without one may take another rule)."""
+    return select(q, k, v, axis, heads, grad).describe()
 
 
 def _needs_out(c: Choice, epilogue: bool) -> bool:
@@ -195,12 +223,12 @@ def _heads6(x: Tensor, heads: int) -> Tensor:
 
 def _write_back(dst: Tensor, y_seq: Tensor, axis: str, heads: int) -> Tensor:
     """Copy a [N, heads, L, d] tensor into the [B, heads*d, T, H, W] tensor ``dst`` (one strided copy)."""
-    _heads6(dst, heads).copy_(seq_as_6d(y_seq, axis, dst.shape))
+    _heads6(dst, heads).copy_(_seq6(y_seq, axis, dst.shape))
     return dst
 
 
 def _epilogue_into(out: Tensor, attn_seq: Tensor, axis: str, heads: int, residual, gamma) -> Tensor:
-    a6 = seq_as_6d(attn_seq, axis, out.shape)
+    a6 = _seq6(attn_seq, axis, out.shape)
     o6 = _heads6(out, heads)
     if residual is None and gamma is None:
         o6.copy_(a6)
@@ -223,11 +251,13 @@ def _math_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _math_logits(qf, kf, sl, scale):
-    # scale applied inside the GEMM (alpha); beta=0 ignores the uninitialised input
-    a = qf[:, sl]
-    return torch.baddbmm(a.new_empty((a.shape[0], a.shape[1], kf.shape[1])), a, kf.transpose(1, 2),
-                         beta=0.0, alpha=scale)
+def _math_logits(qs, ks, sl, scale):
+    # bmm then an in-place scale: measured faster on the CPU than baddbmm(alpha=scale, beta=0).
+    # 4-D matmul folds [N, heads] into the GEMM batch in C++ (one Python call instead of flatten + bmm:
+    # per-call overhead is a measurable share of small problems on the CPU)
+    a = qs if sl is None else qs[:, :, sl]
+    s = torch.matmul(a, ks.transpose(-2, -1))
+    return s if scale == 1.0 else s.mul_(scale)
 
 
 def _math_keeps_p(N: int, h: int, L: int) -> bool:
@@ -236,24 +266,33 @@ def _math_keeps_p(N: int, h: int, L: int) -> bool:
     return N * h * L * L <= min(_MATH_KEEP_P_ELEMS, _MATH_BLOCK_ELEMS)
 
 
+def _math_step(N: int, h: int, L: int):
+    """Query rows per block, or None for one block (the forward and backward must agree, so that a
+    recomputed P equals the forward's bit for bit)."""
+    step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    return None if step >= L else step
+
+
 def _math_forward(qs, ks, vs, scale):
-    """softmax(scale q k^T) v with batched GEMMs and PyTorch's fused softmax, in blocks of queries
-    (one block unless the scores would pass _MATH_BLOCK_ELEMS). Returns (out, P or None): P is kept
-    when small (``_math_keeps_p``), else the backward recomputes it with the same kernels, bit for bit."""
+    """softmax(scale q k^T) v ([N, heads, L, d] each) with batched GEMMs and PyTorch's fused softmax,
+    in blocks of queries (one block unless the scores would pass _MATH_BLOCK_ELEMS). Returns (out, P or
+    None): P is kept when small (``_math_keeps_p``), else the backward recomputes it with the same
+    kernels, bit for bit."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
-    qf, kf, vf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs))
-    step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
+    dtype = qs.dtype
+    if ct != dtype:
+        qs, ks, vs = qs.to(ct), ks.to(ct), vs.to(ct)
+    step = _math_step(N, h, L)
     p = None
-    if step >= L:
-        p = torch.softmax(_math_logits(qf, kf, slice(0, L), scale), dim=-1)
-        out = torch.bmm(p, vf)
+    if step is None:
+        p = torch.softmax(_math_logits(qs, ks, None, scale), dim=-1)
+        out = torch.matmul(p, vs)
     else:
-        out = torch.empty((N * h, L, vs.shape[-1]), dtype=ct, device=qs.device)
+        out = qs.new_empty((N, h, L, vs.shape[-1]))
         for i in range(0, L, step):
-            pi = torch.softmax(_math_logits(qf, kf, slice(i, i + step), scale), dim=-1)
-            torch.bmm(pi, vf, out=out[:, i:i + step])
-    return out.to(qs.dtype).view(N, h, L, vs.shape[-1]), (p if _math_keeps_p(N, h, L) else None)
+            out[:, :, i:i + step] = torch.matmul(torch.softmax(_math_logits(qs, ks, slice(i, i + step), scale), -1), vs)
+    return (out if ct == dtype else out.to(dtype)), (p if _math_keeps_p(N, h, L) else None)
 
 
 def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
@@ -264,34 +303,38 @@ def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
     dq, dk, dv; and dgamma = sum(dY * A) = sum(V * P^T dY) reuses dV's GEMM, so no output is saved."""
     N, h, L, _ = qs.shape
     ct = _math_dtype(qs.dtype)
-    qf, kf, vf, dyf = (t.to(ct).flatten(0, 1) for t in (qs, ks, vs, dys))
-    step = max(1, _MATH_BLOCK_ELEMS // max(1, N * h * L))
-    dq = torch.empty_like(qf) if step < L else None
+    dtype = qs.dtype
+    if ct != dtype:
+        qs, ks, vs, dys = qs.to(ct), ks.to(ct), vs.to(ct), dys.to(ct)
+    step = _math_step(N, h, L)
+    blocks = [None] if step is None else [slice(i, i + step) for i in range(0, L, step)]
+    dq = torch.empty_like(qs) if step is not None else None
     dk = dv = None
-    for i in range(0, L, step):
-        sl = slice(i, i + step)
-        p = p_saved if p_saved is not None else torch.softmax(_math_logits(qf, kf, sl, scale), dim=-1)
-        pt, dy = p.transpose(1, 2), dyf[:, sl]
-        dv = torch.bmm(pt, dy) if dv is None else dv.baddbmm_(pt, dy)
-        ds = torch._softmax_backward_data(torch.bmm(dy, vf.transpose(1, 2)), p, -1, p.dtype)
-        if dq is None:
-            dq = torch.bmm(ds, kf)
+    for sl in blocks:
+        p = p_saved if p_saved is not None else torch.softmax(_math_logits(qs, ks, sl, scale), dim=-1)
+        dy, qb = (dys, qs) if sl is None else (dys[:, :, sl], qs[:, :, sl])
+        dv_b = torch.matmul(p.transpose(-2, -1), dy)
+        dv = dv_b if dv is None else dv.add_(dv_b)
+        ds = torch._softmax_backward_data(torch.matmul(dy, vs.transpose(-2, -1)), p, -1, p.dtype)
+        if sl is None:
+            dq = torch.matmul(ds, ks)
         else:
-            torch.bmm(ds, kf, out=dq[:, sl])
-        dst = ds.transpose(1, 2)
-        dk = torch.bmm(dst, qf[:, sl]) if dk is None else dk.baddbmm_(dst, qf[:, sl])
+            dq[:, :, sl] = torch.matmul(ds, ks)
+        dk_b = torch.matmul(ds.transpose(-2, -1), qb)
+        dk = dk_b if dk is None else dk.add_(dk_b)
     dgamma = None
     if gamma is not None:
         g = gamma.to(ct)
-        dgamma = (vf * dv).sum(dtype=torch.float64)
+        dgamma = (vs * dv).sum(dtype=torch.float64)
         dv.mul_(g)
         alpha = g * scale
     else:
         alpha = scale
     dq.mul_(alpha)
     dk.mul_(alpha)
-    grads = tuple(t.to(qs.dtype).view(N, h, L, t.shape[-1]) for t in (dq, dk, dv))
-    return (*grads, dgamma)
+    if ct != dtype:
+        dq, dk, dv = dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    return dq, dk, dv, dgamma
 
 
 # dims of the permuted [.., heads, .., d] 6-D view (reference.to_seq) that merge into one sequence dim
@@ -299,12 +342,36 @@ _SEQ_GROUPS = {"spatial": ((0, 1), (2,), (3, 4), (5,)), "temporal": ((0, 1, 2), 
                "full": ((0,), (1,), (2, 3, 4), (5,))}
 
 
-def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
-    """The sequence-layout view of ``x`` if it needs no copy (None otherwise); a pure function of the
-    strides, so the forward (which saves the copies it makes) and the backward (which re-views what
-    was not saved) agree, eagerly and under fake tensors."""
-    if x.numel() == 0:
-        return to_seq(x, axis, heads)  # reshape views any empty tensor
+def _static(x: Tensor) -> bool:
+    """Plain-int geometry (eager tensors, static-shape fakes), so the cached stride arithmetic applies."""
+    return not any(isinstance(s, torch.SymInt) for s in (*x.shape, *x.stride(), x.storage_offset()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _seq_geometry(shape: tuple, stride: tuple, axis: str, heads: int, unit_last: bool):
+    """(size, stride) of the [sequences, heads, L, d] view of a [B, D, T, H, W] tensor with these
+    strides, or None where that view needs a copy (or, ``unit_last``, where d's stride is not 1).
+    Plain-int arithmetic, cached: the same answer as permuting and merging (``_seq_view_generic``)
+    at a fraction of its per-call cost (measured ~35 us per tensor on the CPU for the view calls)."""
+    B, D, T, H, W = shape
+    sB, sD, sT, sH, sW = stride
+    d = D // heads
+    size6, stride6 = (B, heads, d, T, H, W), (sB, sD * d, sD, sT, sH, sW)
+    perm = _SEQ_PERM[axis]
+    size, st = [size6[i] for i in perm], [stride6[i] for i in perm]
+    out_size, out_stride = [], []
+    for group in _SEQ_GROUPS[axis]:
+        dims = [i for i in group if size[i] != 1]
+        if any(st[a] != st[b] * size[b] for a, b in zip(dims, dims[1:])):
+            return None
+        out_size.append(math.prod(size[i] for i in group))
+        out_stride.append(st[dims[-1]] if dims else 1)
+    if unit_last and st[5] != 1:
+        return None
+    return tuple(out_size), tuple(out_stride)
+
+
+def _seq_view_generic(x: Tensor, axis: str, heads: int, unit_last: bool):
     y6 = _heads6(x, heads).permute(_SEQ_PERM[axis])
     size, stride = y6.shape, y6.stride()
     for group in _SEQ_GROUPS[axis]:
@@ -314,6 +381,41 @@ def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
     if unit_last and stride[5] != 1:
         return None
     return to_seq(x, axis, heads)  # a view now
+
+
+def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
+    """The sequence-layout view of ``x`` if it needs no copy (None otherwise); a pure function of the
+    strides, so the forward (which saves the copies it makes) and the backward (which re-views what
+    was not saved) agree, eagerly and under fake tensors."""
+    if not _static(x):
+        return _seq_view_generic(x, axis, heads, unit_last) if x.numel() != 0 else to_seq(x, axis, heads)
+    if x.numel() == 0:
+        return to_seq(x, axis, heads)  # reshape views any empty tensor
+    g = _seq_geometry(tuple(x.shape), x.stride(), axis, heads, unit_last)
+    return None if g is None else x.as_strided(g[0], g[1], x.storage_offset())
+
+
+@functools.lru_cache(maxsize=4096)
+def _seq6_geometry(seq_shape: tuple, seq_stride: tuple, axis: str, shape: tuple):
+    """(size, stride) of ``seq_as_6d``: [sequences, heads, L, d] -> [B, heads, d, T, H, W] (always a view)."""
+    B, _, T, H, W = shape
+    _, h, _, d = seq_shape
+    s0, s1, s2, s3 = seq_stride
+    if axis == "spatial":
+        stride = (T * s0, s1, s3, s0, W * s2, s2)
+    elif axis == "temporal":
+        stride = (H * W * s0, s1, s3, s2, W * s0, s0)
+    else:
+        stride = (s0, s1, s3, H * W * s2, W * s2, s2)
+    return (B, h, d, T, H, W), stride
+
+
+def _seq6(y: Tensor, axis: str, shape) -> Tensor:
+    """``seq_as_6d`` through cached stride arithmetic on eager tensors."""
+    if not (_static(y) and y.numel() and all(type(s) is int for s in shape)):
+        return seq_as_6d(y, axis, shape)
+    size, stride = _seq6_geometry(tuple(y.shape), y.stride(), axis, tuple(shape))
+    return y.as_strided(size, stride, y.storage_offset())
 
 
 def _seq_inputs(xs, axis, heads, unit_last, saved=None):
@@ -422,13 +524,8 @@ def _attention3d_fake(q, k, v, axis, heads, scale, residual, gamma):
     return out, lse, saved
 
 
-@torch.library.custom_op("stssa::_attention3d_backward", mutates_args=())
-def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             saved: list[Tensor], axis: str, heads: int, scale: float,
-                             gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``out``: the forward's output where the backward reads it (else empty); ``lse``/``saved``: what
-    the forward returned for the backward. Returns (dq, dk, dv, dgamma), dgamma empty without gamma."""
-    c = select(q, k, v, axis, heads)
+def _backward_impl(c, grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma):
+    """Gradients (dq, dk, dv, dgamma in gamma's shape and dtype or None) for the forward that ran ``c``."""
     if c.impl == "triton":
         g32 = gamma.reshape(()).to(torch.float32) if gamma is not None else None
         o = saved[0] if saved else out
@@ -438,8 +535,18 @@ def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     else:
         dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma,
                                          c.impl == "torch_flash")
-    dgamma = dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else q.new_empty(0)
-    return dq, dk, dv, dgamma
+    return dq, dk, dv, (dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else None)
+
+
+@torch.library.custom_op("stssa::_attention3d_backward", mutates_args=())
+def _attention3d_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             saved: list[Tensor], axis: str, heads: int, scale: float,
+                             gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``out``: the forward's output where the backward reads it (else empty); ``lse``/``saved``: what
+    the forward returned for the backward. Returns (dq, dk, dv, dgamma), dgamma empty without gamma."""
+    dq, dk, dv, dgamma = _backward_impl(select(q, k, v, axis, heads), grad_out, q, k, v, out, lse, saved, axis,
+                                        heads, scale, gamma)
+    return dq, dk, dv, (dgamma if dgamma is not None else q.new_empty(0))
 
 
 @_attention3d_backward_op.register_fake
@@ -476,6 +583,83 @@ _attention3d_op.register_autograd(_backward, setup_context=_setup_context)
 if hasattr(torch.library, "register_autocast"):
     torch.library.register_autocast("stssa::attention3d", "cuda", torch.float16)
     torch.library.register_autocast("stssa::attention3d", "cpu", torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eager fast path
+# ---------------------------------------------------------------------------------------------------
+# A Python custom_op pays for its generality on every call: the dispatcher re-enters Python for the
+# autograd, ADInplaceOrView and backend keys and the generated autograd node wraps the backward in a
+# second custom_op. Measured on this project's 2-core CPU (benchmarks/attn3d.py, small maps): ~0.1 ms
+# per forward and ~0.6 ms per forward+backward, as much as the arithmetic itself at 8x8 frames. Plain
+# eager calls therefore run the same implementations (same choice, same kernels, same saved tensors)
+# through one autograd.Function; everything else - torch.compile, fake tensors, dispatch and
+# torch-function modes, functorch transforms, tensor subclasses, autocast - goes through the op.
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether nothing but eager autograd will see this call (so the op's registrations are not needed)."""
+    return not (torch.compiler.is_compiling() or torch.overrides.has_torch_function(tensors)
+                or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch.is_autocast_enabled(tensors[0].device.type))
+
+
+class _Attention3dFunction(torch.autograd.Function):
+    """The op's forward and backward without the dispatcher round trips (see above)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, residual, gamma, axis, heads, scale, c):
+        out, lse, saved = _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma)
+        epilogue = residual is not None or gamma is not None
+        ctx.save_for_backward(q, k, v, out if _needs_out(c, epilogue) else None, lse, gamma, *saved)
+        ctx.args = (axis, heads, scale, c, residual is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
+        axis, heads, scale, c, has_residual = ctx.args
+        out = out if out is not None else q.new_empty(0)
+        if torch.is_grad_enabled():
+            # create_graph=True: through the registered backward op, whose autograd node names the op
+            # when a double backward reaches it (as the registered forward's graph would)
+            dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(grad_out, q, k, v, out, lse, saved, axis, heads,
+                                                                       scale, gamma)
+            dgamma = dgamma if gamma is not None else None
+        else:
+            dq, dk, dv, dgamma = _backward_impl(c, grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma)
+        return dq, dk, dv, (grad_out if has_residual else None), dgamma, None, None, None, None
+
+
+@torch.library.register_fake("stssa::_attention3d_cpu")
+def _attention3d_cpu_fake(q, k, v, axis, heads, scale, residual, gamma):
+    return torch.empty_like(v)
+
+
+_ATTENTION3D_CPU = torch.ops.stssa._attention3d_cpu.default
+
+
+@functools.lru_cache(maxsize=1024)
+def _eager_plan(device: str, cc: int, dtype: torch.dtype, shape: tuple, dv: int, axis: str, heads: int,
+                grad: bool, interpret: bool) -> tuple[Choice, bool]:
+    """(dispatch choice, whether the C++ CPU op runs it) for an eager call: one cached lookup per call
+    instead of recomputing the sequence geometry (measured ~15 us per call in Python)."""
+    nseq, L = _tk.seq_count_and_length(shape, axis)
+    c = select_for(device, cc, dtype, axis, L, shape[1] // heads, dv // heads, interpret, nseq * heads * L * L, grad)
+    # the C++ CPU op (csrc/cpu/attention3d_math.cpp) covers the math path's one-block, P-kept regime
+    cpp = (c.impl == "torch_math" and device == "cpu" and nseq * L * dv > 0 and _math_keeps_p(nseq, heads, L)
+           and _math_step(nseq, heads, L) is None)
+    return c, cpp
+
+
+def _attention3d_eager(q, k, v, axis, heads, scale, residual, gamma) -> Tensor:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, residual, gamma))
+    c, cpp = _eager_plan(q.device.type, _cc(q.device), q.dtype, q.shape, v.shape[1], axis, heads, grad, _interpret())
+    if cpp:
+        return _ATTENTION3D_CPU(q, k, v, axis, heads, scale, residual, gamma)
+    if not grad:
+        return _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma)[0]
+    return _Attention3dFunction.apply(q, k, v, residual, gamma, axis, heads, scale, c)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,9 +726,10 @@ def attention3d(q: Tensor, k: Tensor, v: Tensor, axis: str, *, heads: int = 1, s
     Differentiable w.r.t. q, k, v, residual and gamma; the backward is deterministic.
     """
     _check(q, k, v, axis, heads, scale, residual, gamma)
-    if scale is None:
-        scale = (q.shape[1] // heads) ** -0.5
-    return torch.ops.stssa.attention3d(q, k, v, axis, heads, float(scale), residual, gamma)[0]
+    scale = (q.shape[1] // heads) ** -0.5 if scale is None else float(scale)
+    if _plain_eager([t for t in (q, k, v, residual, gamma) if t is not None]):
+        return _attention3d_eager(q, k, v, axis, heads, scale, residual, gamma)
+    return torch.ops.stssa.attention3d(q, k, v, axis, heads, scale, residual, gamma)[0]
 
 
 class Attention3d(nn.Module):
