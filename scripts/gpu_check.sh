@@ -1,39 +1,82 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call: build the extension for this GPU, run the whole test suite (GPU tests
-# included), the compile check, and every benchmark. Meant for a machine with a CUDA GPU and a CUDA build
-# of torch already installed (no package registry needed):
-#     bash scripts/gpu_check.sh            # logs and result JSON under $OUT (default benchmarks/results)
+# Everything GPU-side in one call: build the extension for this GPU, run the GPU tests, then every
+# benchmark; logs and result JSON are packed into $OUT/gpu_check.tar.gz (one file: the device tool
+# returns at most 8) with a short summary printed last. Meant for a machine with a CUDA GPU and a CUDA
+# build of torch already installed (no package registry needed):
+#     OUT=/some/dir bash scripts/gpu_check.sh
+# Sized for a 10-minute call: each step has its own time limit (seconds, below) so that one slow step
+# cannot eat the others. STEPS picks steps (default "build gputests bench"; also "cputests", "interpret",
+# "compilecheck", which CI runs anyway on every submission); BENCHES picks benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-benchmarks/results/gpu_check}
+STEPS=${STEPS:-build gputests bench}
+BENCHES=${BENCHES:-attn3d temporal_proj head roi_align3d}
+T_BUILD=${T_BUILD:-240} T_TESTS=${T_TESTS:-240} T_BENCH=${T_BENCH:-150}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 status=0
-step() { echo; echo "=== $* ==="; }
+summary=()
+t0=$SECONDS
+step() { echo; echo "=== $* (t=$((SECONDS - t0))s) ==="; }
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+note() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+pack() {
+  cp benchmarks/results/*.json benchmarks/results/*.png "$LOGS"/ 2>/dev/null
+  tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" . 2>/dev/null
+  echo; echo "=== summary (t=$((SECONDS - t0))s; logs and JSON in $OUT/gpu_check.tar.gz) ==="
+  printf '%s\n' "${summary[@]}"
+}
+trap pack EXIT
 
 step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
 cap=$($PY -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")
+git log -1 --format='commit %H %s' 2>/dev/null || true
 
-step "build (sm $cap)"
-FORCE_CUDA=1 STSSA_CUDA_ARCHS="$cap" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-$PY -c "import stssa_kernels; print('build info:', stssa_kernels.BUILD_INFO)"
-
-step "tests (GPU + CPU paths)"
-$PY -m pytest -q -p no:cacheprovider tests -m "not interpret" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30 || status=1
-step "tests under the Triton interpreter"
-TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider tests -m interpret 2>&1 | tail -5 || status=1
-
-step "compile check"
-$PY -m stssa_kernels.compile_check --arch sm_75 --arch sm_80 --arch sm_90 2>&1 | tail -15 || status=1
-
-step "benchmarks"
-for b in roi_align3d attn3d temporal_proj head; do
-  if [ -f "benchmarks/$b.py" ]; then
-    $PY "benchmarks/$b.py" 2>&1 | tee "$OUT/bench_$b.log" | tail -40 || status=1
+if has build; then
+  step "build (sm $cap)"
+  s=$SECONDS
+  if FORCE_CUDA=1 STSSA_CUDA_ARCHS="$cap" timeout "$T_BUILD" $PY setup.py -q build_ext --inplace > "$LOGS/build.log" 2>&1; then
+    note build "ok ($((SECONDS - s)) s)"
+  else
+    tail -40 "$LOGS/build.log"; note build "FAILED"; exit 1
   fi
-done
-[ "$OUT" != "benchmarks/results" ] && cp benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null
+  $PY -c "import stssa_kernels; print('build info:', stssa_kernels.BUILD_INFO)"
+fi
+
+run_tests() {  # name, time limit, pytest args...
+  local name=$1 limit=$2; shift 2
+  step "$name"
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -rfEs "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  tail -25 "$LOGS/$name.log"
+  note "$name" "$(tail -1 "$LOGS/$name.log") (rc $rc)"
+  [ $rc -eq 0 ] || status=1
+}
+has gputests && run_tests gputests "$T_TESTS" tests -m gpu
+has cputests && run_tests cputests 900 tests -m "not interpret and not gpu"
+has interpret && TRITON_INTERPRET=1 run_tests interpret 900 tests -m interpret
+
+if has compilecheck; then
+  step "compile check"
+  $PY -m stssa_kernels.compile_check --arch sm_75 --arch sm_80 --arch sm_90 > "$LOGS/compile_check.log" 2>&1 || status=1
+  tail -8 "$LOGS/compile_check.log"
+fi
+
+if has bench; then
+  for b in $BENCHES; do
+    [ -f "benchmarks/$b.py" ] || continue
+    step "benchmark $b"
+    s=$SECONDS
+    timeout "$T_BENCH" $PY "benchmarks/$b.py" > "$LOGS/bench_$b.log" 2>&1
+    rc=$?
+    tail -45 "$LOGS/bench_$b.log"
+    note "bench $b" "rc $rc, $((SECONDS - s)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT: raise T_BENCH or run alone)')"
+    [ $rc -eq 0 ] || status=1
+  done
+fi
 exit $status

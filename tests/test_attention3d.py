@@ -586,3 +586,60 @@ def test_gpu_deterministic_backward():
                    torch.ones(v.shape, dtype=torch.float64, device="cuda"))[1] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("axis", AXES)
+def test_gpu_eager_path_matches_registered_op(axis):
+    (q, k, v), r, g = _make((2, 16, 5, 7, 7), 32, torch.float16, "channels_last", epilogue=True, device="cuda")
+    g = g.float()
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to("cuda", torch.float16)
+    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=0.25, residual=a[3], gamma=a[4]),
+                   [q, k, v, r, g], go)
+    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, 0.25, a[3], a[4])[0], [q, k, v, r, g], go)
+    assert torch.equal(eager[0], op[0])
+    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def sdpa_here():
+    """The sm_75 rule (PyTorch's memory-efficient SDPA for long fp16 sequences) applied to this GPU's arch,
+    so that its code path runs on whatever GPU the tests have."""
+    saved = A.DISPATCH
+    fam = TK.arch_family(A._cc(torch.device("cuda")))
+    A.DISPATCH = tuple(dataclasses.replace(r, archs=(fam,)) if r.impl == "sdpa_efficient" else r for r in saved)
+    A.clear_dispatch_cache()
+    yield
+    A.DISPATCH = saved
+    A.clear_dispatch_cache()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("axis,shape", [("full", (1, 64, 4, 8, 8)), ("spatial", (2, 64, 2, 16, 16))])
+def test_gpu_sdpa_efficient_rule(sdpa_here, axis, shape):
+    (q, k, v), r, g = _make(shape, 64, torch.float16, epilogue=True, device="cuda")
+    assert A.select(q, k, v, axis, 1).impl == "sdpa_efficient"
+    check_against_float64(q, k, v, axis, residual=r, gamma=g)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_compile_and_opcheck():
+    (q, k, v), r, g = _make((1, 32, 4, 7, 7), 64, torch.float16, epilogue=True, device="cuda")
+    g = g.float()
+    args = [t.requires_grad_() for t in (q, k, v, r, g)]
+    torch.library.opcheck(torch.ops.stssa.attention3d.default, (*args[:3], "temporal", 2, 0.25, *args[3:]))
+
+    def f(q, k, v, r, g):
+        return attention3d(q, k, v, "spatial", heads=2, residual=r, gamma=g).float().square().sum()
+
+    a = [t.detach().clone().requires_grad_() for t in args]
+    b = [t.detach().clone().requires_grad_() for t in args]
+    lc, le = torch.compile(f, fullgraph=True)(*a), f(*b)
+    lc.backward(), le.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-3)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=2e-3, atol=2e-3)

@@ -167,21 +167,25 @@ def test_head_config_errors():
 
 
 # ---------------------------------------------------------------------------- fused vs reference path
-def _fused_vs_reference(model_cfg: dict, dtype: torch.dtype, seed: int):
-    """Outputs and gradients of the same parameters through the fused ops and through the reference."""
+def _fused_vs_reference(model_cfg: dict, dtype: torch.dtype, seed: int, device: str = "cpu", amp=None):
+    """Outputs and gradients of the same parameters through the fused ops and through the reference
+    (``amp``: run both under autocast to that dtype on ``device``)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_model(model_cfg, use_fused=True, load_pretrained=False).to(dtype).eval()
     _randomise_gammas(model, gen)
-    clips = torch.randn(2, 3, 8, 64, 80, generator=gen, dtype=dtype)
-    rois = _rois(2, 5, 64, gen, dtype)
+    model.to(device)
+    clips = torch.randn(2, 3, 8, 64, 80, generator=gen, dtype=dtype).to(device)
+    rois = _rois(2, 5, 64, gen, dtype).to(device)
     results = {}
     for fused in (True, False):
         model.set_fused(fused)
         model.zero_grad(set_to_none=True)
-        out = model(clips, rois)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape))
-        results[fused] = (out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        with torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = model(clips, rois)
+        out = out.to(dtype)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).reshape(out.shape))
+        results[fused] = (out.detach().cpu(), {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()})
     return results
 
 
@@ -210,27 +214,51 @@ def test_stssa_fused_matches_reference_float64_gradients(head):
         torch.testing.assert_close(r[True][1][n], r[False][1][n], rtol=1e-10, atol=1e-13, msg=n)
 
 
-@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
-def test_stssa_fused_float32_error_within_rule():
-    """fp32 fused vs fp64 reference, against fp32 reference vs fp64 reference (the 2x rule)."""
-    cfg = {"backbone": TINY_BACKBONE, "head": {"type": "stssa", "axes": ["spatial", "temporal"], "num_layers": 2,
-                                              "embed_dim": 8, "layernorm": True}}
-    r32 = _fused_vs_reference(cfg, torch.float32, seed=4)
-    r64 = _fused_vs_reference(cfg, torch.float64, seed=4)
-    eps = torch.finfo(torch.float32).eps
+def _check_error_rule(cfg: dict, seed: int, device: str = "cpu", amp=None) -> None:
+    """Fused vs the fp64 reference, against the reference in the same precision vs fp64 (the 2x rule):
+    logits and the head's gradients; fp32 on ``device``, under autocast to ``amp`` when given."""
+    run = _fused_vs_reference(cfg, torch.float32, seed=seed, device=device, amp=amp)
+    r64 = _fused_vs_reference(cfg, torch.float64, seed=seed)
+    eps = torch.finfo(amp or torch.float32).eps
     truth_out = r64[False][0]
-    e_f = (r32[True][0].double() - truth_out).abs().max().item()
-    e_t = (r32[False][0].double() - truth_out).abs().max().item()
+    e_f = (run[True][0].double() - truth_out).abs().max().item()
+    e_t = (run[False][0].double() - truth_out).abs().max().item()
     _assert_within(e_f, e_t, "logits", 8 * eps * truth_out.abs().max().item())
-    # Rounding floor for the gradients: fp32 rounding at the scale of the head's gradients. Some are exactly
+    # Rounding floor for the gradients: rounding at the scale of the head's gradients. Some are exactly
     # zero in exact arithmetic (the K bias: softmax is invariant to it), so a per-tensor relative floor
     # would demand less than one rounding of the terms that cancel.
     head = {n: g for n, g in r64[False][1].items() if n.startswith("head.")}
     scale = max(g.abs().max().item() for g in head.values())
     for n, g in head.items():
-        e_f = (r32[True][1][n].double() - g).abs().max().item()
-        e_t = (r32[False][1][n].double() - g).abs().max().item()
+        e_f = (run[True][1][n].double() - g).abs().max().item()
+        e_t = (run[False][1][n].double() - g).abs().max().item()
         _assert_within(e_f, e_t, n, 8 * eps * scale)
+
+
+STSSA_2L = {"backbone": TINY_BACKBONE, "head": {"type": "stssa", "axes": ["spatial", "temporal"], "num_layers": 2,
+                                              "embed_dim": 8, "layernorm": True}}
+
+
+@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+def test_stssa_fused_float32_error_within_rule():
+    """fp32 fused vs fp64 reference, against fp32 reference vs fp64 reference (the 2x rule)."""
+    _check_error_rule(STSSA_2L, seed=4)
+
+
+@pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+def test_stssa_fused_cpu_bf16_autocast_error_within_rule():
+    _check_error_rule(STSSA_2L, seed=6, amp=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and FUSED_STSSA), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("embed_dim", [8, 64])  # 64: head dims the Triton kernels take (16-aligned)
+def test_gpu_stssa_fused_error_within_rule(amp, embed_dim):
+    if amp == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    cfg = {"backbone": TINY_BACKBONE, "head": {**STSSA_2L["head"], "embed_dim": embed_dim}}
+    _check_error_rule(cfg, seed=7, device="cuda", amp=amp)
 
 
 def test_baseline_fused_matches_reference_float64():

@@ -208,3 +208,44 @@ def test_two_process_gloo_torchrun(synthetic, tmp_path):
     det_keys = {(v, int(t)) for v, t, *_ in
                 (line.split(",") for line in (tmp_path / "D" / "detections_epoch1.csv").read_text().splitlines())}
     assert det_keys == set(val_set.keyframes) and len(val_set) >= 2
+
+
+# ------------------------------------------------------------------------------------------- GPU runs
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+STSSA_GPU = {**STSSA_TINY, "embed_dim": 32}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_gpu_amp_fused_run_loss_falls(synthetic, tmp_path, amp):
+    """One GPU, the fused ops, AMP (fp16 with the GradScaler, bf16 without): finite losses that fall, an
+    evaluation, and a checkpoint that carries the scaler state."""
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    cfg = _config(synthetic, STSSA_GPU, epochs=4, lr=0.5, eval_every=4, amp=amp, clip_grad=5.0)
+    cfg["model"]["use_fused"] = True
+    trainer = Trainer(cfg, tmp_path / "run", device="cuda", quiet=True)
+    result = trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    spe = trainer.spe
+    assert sum(losses[-spe:]) < sum(losses[:spe]), losses
+    assert 0.0 <= result["mAP"] <= 1.0
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_nccl_torchrun(synthetic, tmp_path):
+    """``torchrun`` on the GPU: the NCCL process group (one rank per GPU, as many as there are, at most 2)."""
+    n = min(2, torch.cuda.device_count())
+    cfg = _config(synthetic, STSSA_GPU, epochs=1, batch_size=1, eval_every=1)
+    cfg["model"]["use_fused"] = True
+    path = _write(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone", "-m",
+           "stssa.train", "--config", str(path), "--out", str(tmp_path / "G"), "--quiet", "--device", "cuda"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    ckpt = load_checkpoint(tmp_path / "G" / "checkpoint.pt")
+    assert ckpt["world_size"] == n
