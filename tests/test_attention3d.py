@@ -246,6 +246,16 @@ def test_empty_batch():
         out.sum().backward()
 
 
+def test_zero_key_width_is_uniform_attention():
+    """Dk = 0: every logit is 0, so each query averages the values of its sequence (eager C++ path and
+    registered op alike)."""
+    (_, _, v), _, _ = _make((2, 4, 3, 2, 5), 6, torch.float32)
+    q = torch.empty(2, 0, 3, 2, 5)
+    expect = v.mean(dim=2, keepdim=True).expand_as(v)  # temporal axis: mean over T
+    torch.testing.assert_close(attention3d(q, q, v, "temporal"), expect)
+    torch.testing.assert_close(torch.ops.stssa.attention3d(q, q, v, "temporal", 1, 1.0, None, None)[0], expect)
+
+
 def test_output_layout_follows_v():
     (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float32, "channels_last")
     out = attention3d(q, k, v, "temporal")

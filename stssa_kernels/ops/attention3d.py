@@ -647,8 +647,8 @@ def _eager_plan(device: str, cc: int, dtype: torch.dtype, shape: tuple, dv: int,
     nseq, L = _tk.seq_count_and_length(shape, axis)
     c = select_for(device, cc, dtype, axis, L, shape[1] // heads, dv // heads, interpret, nseq * heads * L * L, grad)
     # the C++ CPU op (csrc/cpu/attention3d_math.cpp) covers the math path's one-block, P-kept regime
-    cpp = (c.impl == "torch_math" and device == "cpu" and nseq * L * dv > 0 and _math_keeps_p(nseq, heads, L)
-           and _math_step(nseq, heads, L) is None)
+    cpp = (c.impl == "torch_math" and device == "cpu" and nseq * L * dv * shape[1] > 0
+           and _math_keeps_p(nseq, heads, L) and _math_step(nseq, heads, L) is None)
     return c, cpp
 
 
