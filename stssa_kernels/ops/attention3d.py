@@ -726,7 +726,9 @@ def attention3d(q: Tensor, k: Tensor, v: Tensor, axis: str, *, heads: int = 1, s
     Differentiable w.r.t. q, k, v, residual and gamma; the backward is deterministic.
     """
     _check(q, k, v, axis, heads, scale, residual, gamma)
-    scale = (q.shape[1] // heads) ** -0.5 if scale is None else float(scale)
+    if scale is None:  # (a zero key width makes every logit 0, whatever the scale)
+        scale = (q.shape[1] // heads) ** -0.5 if q.shape[1] else 1.0
+    scale = float(scale)
     if _plain_eager([t for t in (q, k, v, residual, gamma) if t is not None]):
         return _attention3d_eager(q, k, v, axis, heads, scale, residual, gamma)
     return torch.ops.stssa.attention3d(q, k, v, axis, heads, scale, residual, gamma)[0]
