@@ -266,6 +266,51 @@ def test_compile_fullgraph():
     torch.testing.assert_close(xs.grad, x2.grad)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_path_matches_registered_op(backend):
+    """Plain eager calls skip the custom_op wrappers (one autograd.Function over the same
+    implementations); outputs and every gradient equal the registered op's bit for bit."""
+    x, ws, bs = make(C=6, T=5, out_channels=(3, 4, 2), kernel_sizes=(7, 1, 3), bias=(True, False, True))
+    oc, ks = [3, 4, 2], [7, 1, 3]
+    gy = torch.randn(2, 5, 3, 2, 9, generator=torch.Generator().manual_seed(2))
+    runs = []
+    with use_backend(backend):
+        for eager in (True, False):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, pack_weights(ws), pack_biases(bs, ws))]
+            if eager:
+                y = tp_ops._TemporalProjFunction.apply(*leaves, oc, ks)
+                assert tp_ops.plain_eager(leaves)
+            else:
+                y = torch.ops.stssa.temporal_proj(*leaves, oc, ks)
+            y.backward(gy)
+            runs.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_only_where_nothing_else_looks(monkeypatch):
+    calls = []
+    real = tp_ops._TemporalProjFunction.apply
+    monkeypatch.setattr(tp_ops._TemporalProjFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    x, ws, bs = make(C=4, T=3, out_channels=(2, 2), kernel_sizes=(3, 1))
+    expect = temporal_proj(x, ws, bs)
+    assert len(calls) == 1
+    with torch.device("cpu"):  # a TorchFunctionMode
+        for o, e in zip(temporal_proj(x, ws, bs), expect):
+            torch.testing.assert_close(o, e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert temporal_proj(x, ws, bs)[0].dtype == torch.bfloat16  # the op's autocast rule ran
+    assert len(calls) == 1
+
+
+def test_eager_double_backward_names_the_op():
+    x, ws, bs = make(C=4, T=3, out_channels=(2,), kernel_sizes=(3,))
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(temporal_proj(x, ws, bs)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="_temporal_proj_backward"):
+        dx.sum().backward()
+
+
 def test_autocast_cpu_bf16():
     """Under CPU autocast the op runs in bf16 like conv3d does, and grads reach the fp32 leaves."""
     x, ws, bs = make(C=8, T=6, out_channels=(8, 16), kernel_sizes=(7, 1), bias=(True, True))

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library defines stssa::_attention3d_cpu)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_as_6d, to_seq
 from ..triton import attention3d as _tk
+from ._eager import plain_eager
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain",
            "clear_dispatch_cache"]
@@ -588,20 +589,8 @@ if hasattr(torch.library, "register_autocast"):
 # ---------------------------------------------------------------------------------------------------
 # eager fast path
 # ---------------------------------------------------------------------------------------------------
-# A Python custom_op pays for its generality on every call: the dispatcher re-enters Python for the
-# autograd, ADInplaceOrView and backend keys and the generated autograd node wraps the backward in a
-# second custom_op. Measured on this project's 2-core CPU (benchmarks/attn3d.py, small maps): ~0.1 ms
-# per forward and ~0.6 ms per forward+backward, as much as the arithmetic itself at 8x8 frames. Plain
-# eager calls therefore run the same implementations (same choice, same kernels, same saved tensors)
-# through one autograd.Function; everything else - torch.compile, fake tensors, dispatch and
-# torch-function modes, functorch transforms, tensor subclasses, autocast - goes through the op.
-
-
-def _plain_eager(tensors) -> bool:
-    """Whether nothing but eager autograd will see this call (so the op's registrations are not needed)."""
-    return not (torch.compiler.is_compiling() or torch.overrides.has_torch_function(tensors)
-                or torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.is_autocast_enabled(tensors[0].device.type))
+# See stssa_kernels/ops/_eager.py: plain eager calls run the implementations through one
+# autograd.Function (and small CPU problems through a C++ op) instead of the custom_op's wrappers.
 
 
 class _Attention3dFunction(torch.autograd.Function):
@@ -729,7 +718,7 @@ def attention3d(q: Tensor, k: Tensor, v: Tensor, axis: str, *, heads: int = 1, s
     if scale is None:  # (a zero key width makes every logit 0, whatever the scale)
         scale = (q.shape[1] // heads) ** -0.5 if q.shape[1] else 1.0
     scale = float(scale)
-    if _plain_eager([t for t in (q, k, v, residual, gamma) if t is not None]):
+    if plain_eager([t for t in (q, k, v, residual, gamma) if t is not None]):
         return _attention3d_eager(q, k, v, axis, heads, scale, residual, gamma)
     return torch.ops.stssa.attention3d(q, k, v, axis, heads, scale, residual, gamma)[0]
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
+from ._eager import plain_eager
 
 try:  # Triton is optional for CPU-only installs (torch CPU wheels do not bring it)
     from ..triton import temporal_proj as _tk
@@ -406,6 +407,11 @@ def _temporal_proj_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_cha
     """Packed op: x [B, C, T, H, W], weight [sum kt_i N_i, C], bias [sum N_i] or None ->
     Y [B, T, H, W, sum N_i] contiguous (column slice i = projection i, channels last)."""
     _check_packed(x, weight, bias, out_channels, kernel_sizes)
+    return _forward_impl(x, weight, bias, out_channels, kernel_sizes)
+
+
+def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: List[int],
+                  kernel_sizes: List[int]) -> Tensor:
     weight = weight.contiguous()
     backend = _backend(x, out_channels)
     if backend == "triton":
@@ -431,6 +437,11 @@ def _temporal_proj_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, out_ch
     channels_last_3d, grad_weight [sum kt_i N_i, C], grad_bias [sum N]); an entry whose
     ``output_mask`` is False comes back as an empty ``[0]`` tensor."""
     _check_packed(x, weight, None, out_channels, kernel_sizes, "stssa::_temporal_proj_backward")
+    return _backward_impl(grad_y, x, weight, out_channels, kernel_sizes, output_mask)
+
+
+def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, out_channels: List[int], kernel_sizes: List[int],
+                   output_mask: List[bool]) -> tuple[Tensor, Tensor, Tensor]:
     need_dx, need_dw, need_db = output_mask
     dy = _canonical(grad_y)
     weight = weight.contiguous()
@@ -480,6 +491,30 @@ def _backward(ctx, grad_y):
 
 
 _temporal_proj_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TemporalProjFunction(torch.autograd.Function):
+    """The op's forward and backward without the custom_op dispatcher round trips, for plain eager calls
+    (see ``stssa_kernels.ops._eager``); the same implementations and saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_channels, kernel_sizes):
+        ctx.save_for_backward(x, weight)
+        ctx.out_channels, ctx.kernel_sizes, ctx.has_bias = out_channels, kernel_sizes, bias is not None
+        return _forward_impl(x, weight, bias, out_channels, kernel_sizes)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if not any(mask):
+            return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the registered op's node names it on a double backward
+            dx, dw, db = torch.ops.stssa._temporal_proj_backward(grad_y, x, weight, ctx.out_channels,
+                                                                 ctx.kernel_sizes, mask)
+        else:
+            dx, dw, db = _backward_impl(grad_y, x, weight, ctx.out_channels, ctx.kernel_sizes, mask)
+        return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
@@ -595,8 +630,11 @@ def temporal_proj(x: Tensor, weights: Sequence[Tensor],
     _check_inputs(x, weights, biases)
     out_channels = [int(w.shape[0]) for w in weights]
     kernel_sizes = [int(w.shape[2]) for w in weights]
-    y = torch.ops.stssa.temporal_proj(x, pack_weights(weights), pack_biases(biases, weights),
-                                      out_channels, kernel_sizes)
+    weight, bias = pack_weights(weights), pack_biases(biases, weights)
+    if plain_eager([x, weight] + ([bias] if bias is not None else [])):
+        y = _TemporalProjFunction.apply(x, weight, bias, out_channels, kernel_sizes)
+    else:
+        y = torch.ops.stssa.temporal_proj(x, weight, bias, out_channels, kernel_sizes)
     return [part.permute(0, 4, 1, 2, 3) for part in y.split(out_channels, dim=-1)]
 
 
