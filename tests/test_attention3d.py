@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stssa_kernels  # noqa: F401  (registers torch.ops.stssa.*)
 from stssa_kernels import Attention3d, SelfAttention3d, attention3d
@@ -373,6 +375,31 @@ def test_cpu_inference_rule():
         out = attention3d(q, k, v, "spatial")
     base = (attention3d_ref(q, k, v, "spatial").double() - ref).abs().max().item()
     assert (out.double() - ref).abs().max().item() <= 2 * base + _floor(ref, torch.float32)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), heads=st.integers(1, 3), dk=st.integers(1, 5), dv=st.integers(1, 5),
+       T=st.integers(1, 5), H=st.integers(1, 6), W=st.integers(1, 6), axis=st.sampled_from(AXES),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), epilogue=st.booleans(),
+       scale=st.sampled_from([None, 1.0, 0.3]), seed=st.integers(0, 2 ** 16))
+def test_property_float64_and_both_paths(B, heads, dk, dv, T, H, W, axis, layout, epilogue, scale, seed):
+    """Random shapes, axes, head counts, layouts and epilogues: float64 forward and gradients equal the
+    composition's, and the eager path (C++ op or autograd.Function) equals the registered op bit for bit."""
+    (q, k, v), r, g = _make((B, dk * heads, T, H, W), dv * heads, torch.float64, layout, epilogue, seed=seed)
+    inputs = [q, k, v, r, g]
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    s = scale if scale is not None else dk ** -0.5
+    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
+                   inputs, go)
+    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, heads, s, a[3], a[4])[0], inputs, go)
+    ref = _grads(lambda *a: attention3d_ref(*a[:3], axis, heads, scale, a[3], a[4]), inputs, go)
+    assert torch.equal(eager[0], op[0])
+    torch.testing.assert_close(eager[0], ref[0], rtol=1e-10, atol=1e-12)
+    for name, a, b, c in zip("q k v residual gamma".split(), eager[1], op[1], ref[1]):
+        if c is None:
+            continue
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_torch_compile_fullgraph():

@@ -33,15 +33,26 @@ Axis parse_axis(c10::string_view axis) {
 }
 
 // [B, D, T, H, W] -> [sequences, heads, L, D / heads]: a view where the strides allow, else one copy
-// (reference.attention3d.to_seq).
-at::Tensor to_seq(const at::Tensor& x, Axis axis, int64_t heads) {
+// (reference.attention3d.to_seq). A view gets stride 1 on its size-1 dims, as the Python path's stride
+// arithmetic (ops/attention3d.py, _seq_geometry) gives q, k, v: GEMM kernels pick their code path from
+// the strides, so equal strides keep the two paths' results bit-identical (size-1 head dims included).
+at::Tensor to_seq(const at::Tensor& x, Axis axis, int64_t heads, bool unit_size1_strides = true) {
   const int64_t B = x.size(0), D = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4), d = D / heads;
-  auto y = x.view({B, heads, d, T, H, W});
+  auto y6 = x.view({B, heads, d, T, H, W});
+  at::Tensor y;
   switch (axis) {
-    case kSpatial: return y.permute({0, 3, 1, 4, 5, 2}).reshape({B * T, heads, H * W, d});
-    case kTemporal: return y.permute({0, 4, 5, 1, 3, 2}).reshape({B * H * W, heads, T, d});
-    default: return y.permute({0, 1, 3, 4, 5, 2}).reshape({B, heads, T * H * W, d});
+    case kSpatial: y = y6.permute({0, 3, 1, 4, 5, 2}).reshape({B * T, heads, H * W, d}); break;
+    case kTemporal: y = y6.permute({0, 4, 5, 1, 3, 2}).reshape({B * H * W, heads, T, d}); break;
+    default: y = y6.permute({0, 1, 3, 4, 5, 2}).reshape({B, heads, T * H * W, d}); break;
   }
+  if (!unit_size1_strides || !y.is_alias_of(x)) return y;  // a copy is contiguous, as in the Python path
+  std::array<int64_t, 4> strides{};
+  bool changed = false;
+  for (int64_t i = 0; i < 4; ++i) {
+    strides[i] = y.size(i) == 1 ? 1 : y.stride(i);
+    changed |= strides[i] != y.stride(i);
+  }
+  return changed ? y.as_strided(y.sizes(), strides, y.storage_offset()) : y;
 }
 
 // [sequences, heads, L, d] -> [B, heads, d, T, H, W] view (reference.attention3d.seq_as_6d).
@@ -143,7 +154,7 @@ class Attention3dCpu : public torch::autograd::Function<Attention3dCpu> {
     const auto grad_out = grads[0];
     const auto dtype = q.scalar_type(), ct = math_dtype(dtype);
     auto qs = saved[3], ks = saved[4], vs = saved[5], p = saved[6];
-    auto dys = to_seq(grad_out, axis, heads);
+    auto dys = to_seq(grad_out, axis, heads, /*unit_size1_strides=*/false);  // the Python path reshapes dY
     if (ct != dtype) qs = qs.to(ct), ks = ks.to(ct), vs = vs.to(ct), dys = dys.to(ct);
     auto dv = at::matmul(p.transpose(-2, -1), dys);
     auto ds = at::_softmax_backward_data(at::matmul(dys, vs.transpose(-2, -1)), p, -1, p.scalar_type());
