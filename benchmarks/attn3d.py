@@ -272,7 +272,9 @@ def main(argv=None):
     payload = dict(cpu_only=cpu, note=("CPU-only run: reduced shapes on the CPU path" if cpu else "GPU run"),
                    dtype=str(dtype).replace("torch.", ""), repeats=repeats, peaks=dict(gbps=bw, tflops=tf, source=peak_src),
                    shapes=shapes, cases=cases, rows=rows)
-    path = write_results("attn3d", device, payload)
+    # a run over part of the table must not overwrite the full run's file that the README cites
+    subset = args.shapes is not None or set(args.axes) != set(AXES) or set(args.modes) != {"fwd", "fwd+bwd"}
+    path = write_results("attn3d_subset" if subset else "attn3d", device, payload)
     png = path[:-5] + ".png"
     plot(rows, png, f"attention3d vs PyTorch ({info['name']}, {payload['dtype']})")
     print(f"wrote {path}\nwrote {png}")
