@@ -110,6 +110,31 @@ def _packed_rows(pid, G, L, NSEQH, BLOCK_M: tl.constexpr, TOKEN_MAJOR: tl.conste
 
 
 @triton.jit
+def _packed_softmax(Q, K, q_row, k_row, sqc, skc, g, ok, DK, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
+    """P = softmax(S) of one packed tile, S = scale * Q K^T with keys of other sequences masked. The
+    forward and backward kernels both call this (Triton inlines it), so the backward's P is the
+    forward's bit for bit. Returns (P [BLOCK_M, BLOCK_M] fp32, row max m, row sum l) in the exp2
+    domain; padding rows get m = 0 and l = 1."""
+    # Dk in chunks: the operand tiles stay small for any Dk
+    s = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, DK, BLOCK_DK):
+        d = d0 + tl.arange(0, BLOCK_DK)
+        m2 = (d < DK)[:, None] & ok[None, :]
+        qT = tl.load(Q + q_row[None, :] + d[:, None].to(tl.int64) * sqc, mask=m2, other=0.0)
+        kT = tl.load(K + k_row[None, :] + d[:, None].to(tl.int64) * skc, mask=m2, other=0.0)
+        s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
+    same = (g[:, None] == g[None, :]) & ok[None, :]
+    s = tl.where(same, s * qk_scale, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no valid key (padding rows)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    l = tl.where(l == 0.0, 1.0, l)
+    return p * (1.0 / l)[:, None], m, l
+
+
+@triton.jit
 def _attn3d_fwd_packed(
     Q, K, V, O, R, GAMMA, LSE,
     sqc, sqh, sqs0, sqs1, sqs2, sqt0, sqt1, sqt2,
@@ -132,22 +157,7 @@ def _attn3d_fwd_packed(
     v_row = _base(seq, head, SN1, SN2, svh, svs0, svs1, svs2, SEQ_DIMS) + _split_off(n, TN1, TN2, svt0, svt1, svt2, TOK_DIMS)
     o_row = _base(seq, head, SN1, SN2, soh, sos0, sos1, sos2, SEQ_DIMS) + _split_off(n, TN1, TN2, sot0, sot1, sot2, TOK_DIMS)
 
-    # S = Q K^T over the packed rows, Dk in chunks (keeps the operand tiles small for any Dk).
-    s = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, DK, BLOCK_DK):
-        d = d0 + tl.arange(0, BLOCK_DK)
-        m2 = (d < DK)[:, None] & ok[None, :]
-        qT = tl.load(Q + q_row[None, :] + d[:, None].to(tl.int64) * sqc, mask=m2, other=0.0)
-        kT = tl.load(K + k_row[None, :] + d[:, None].to(tl.int64) * skc, mask=m2, other=0.0)
-        s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
-    same = (g[:, None] == g[None, :]) & ok[None, :]
-    s = tl.where(same, s * qk_scale, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no valid key (padding rows)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    l = tl.where(l == 0.0, 1.0, l)
-    p = p * (1.0 / l)[:, None]
+    p, m, l = _packed_softmax(Q, K, q_row, k_row, sqc, skc, g, ok, DK, qk_scale, BLOCK_M, BLOCK_DK, PREC)
     tl.store(LSE + gs.to(tl.int64) * L + n, (m + tl.log2(l)) * 0.6931471805599453, mask=ok & (pid_dv == 0))
 
     pv = p.to(V.dtype.element_ty)
@@ -195,23 +205,10 @@ def _attn3d_bwd_packed(
     do_row = _base(seq, head, SN1, SN2, sdoh, sdos0, sdos1, sdos2, SEQ_DIMS) + _split_off(n, TN1, TN2, sdot0, sdot1, sdot2, TOK_DIMS)
     dv_row = _base(seq, head, SN1, SN2, sdvh, sdvs0, sdvs1, sdvs2, SEQ_DIMS) + _split_off(n, TN1, TN2, sdvt0, sdvt1, sdvt2, TOK_DIMS)
 
-    s = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, DK, BLOCK_DK):
-        d = d0 + tl.arange(0, BLOCK_DK)
-        m2 = (d < DK)[:, None] & ok[None, :]
-        qT = tl.load(Q + q_row[None, :] + d[:, None].to(tl.int64) * sqc, mask=m2, other=0.0)
-        kT = tl.load(K + k_row[None, :] + d[:, None].to(tl.int64) * skc, mask=m2, other=0.0)
-        s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
-    # Whole rows are in the tile: redo the softmax exactly as the forward did instead of reading the
-    # fp32 lse back (whose rounding, eps * |S|, would unnormalise P at very large logits).
-    same = (g[:, None] == g[None, :]) & ok[None, :]
-    s = tl.where(same, s * qk_scale, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    l = tl.where(l == 0.0, 1.0, l)
-    p = p * (1.0 / l)[:, None]
+    # Whole rows are in the tile: redo the softmax exactly as the forward did (the same function)
+    # instead of reading the fp32 lse back (whose rounding, eps * |S|, would unnormalise P at very
+    # large logits).
+    p, _, _ = _packed_softmax(Q, K, q_row, k_row, sqc, skc, g, ok, DK, qk_scale, BLOCK_M, BLOCK_DK, PREC)
 
     if HAS_GAMMA:
         gamma = tl.load(GAMMA).to(tl.float32)
