@@ -110,6 +110,24 @@ def _packed_rows(pid, G, L, NSEQH, BLOCK_M: tl.constexpr, TOKEN_MAJOR: tl.conste
 
 
 @triton.jit
+def _block_of_sequence(L, HEADS, BLOCK: tl.constexpr):
+    """Program axis 0 -> (sequence-head index gs, sequence, head, token indices of this block, their mask).
+    The blocks of one sequence are adjacent program ids, so its K/V stay hot in L2."""
+    nb = tl.cdiv(L, BLOCK)
+    gs = tl.program_id(0) // nb
+    i = (tl.program_id(0) % nb) * BLOCK + tl.arange(0, BLOCK)
+    return gs, gs // HEADS, gs % HEADS, i, i < L
+
+
+@triton.jit
+def _channels(start, N, BLOCK: tl.constexpr):
+    """Channels start .. start + BLOCK - 1 as an int64 column [BLOCK, 1] (offsets past 2^31 stay exact)
+    and its in-range mask."""
+    c = start + tl.arange(0, BLOCK)
+    return c[:, None].to(tl.int64), (c < N)[:, None]
+
+
+@triton.jit
 def _packed_softmax(Q, K, q_row, k_row, sqc, skc, g, ok, DK, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
     """P = softmax(S) of one packed tile, S = scale * Q K^T with keys of other sequences masked. The
@@ -119,10 +137,10 @@ def _packed_softmax(Q, K, q_row, k_row, sqc, skc, g, ok, DK, qk_scale,
     # Dk in chunks: the operand tiles stay small for any Dk
     s = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     for d0 in range(0, DK, BLOCK_DK):
-        d = d0 + tl.arange(0, BLOCK_DK)
-        m2 = (d < DK)[:, None] & ok[None, :]
-        qT = tl.load(Q + q_row[None, :] + d[:, None].to(tl.int64) * sqc, mask=m2, other=0.0)
-        kT = tl.load(K + k_row[None, :] + d[:, None].to(tl.int64) * skc, mask=m2, other=0.0)
+        d64, d_ok = _channels(d0, DK, BLOCK_DK)
+        m2 = d_ok & ok[None, :]
+        qT = tl.load(Q + q_row[None, :] + d64 * sqc, mask=m2, other=0.0)
+        kT = tl.load(K + k_row[None, :] + d64 * skc, mask=m2, other=0.0)
         s += tl.dot(tl.trans(qT), kT, input_precision=PREC)
     same = (g[:, None] == g[None, :]) & ok[None, :]
     s = tl.where(same, s * qk_scale, float("-inf"))
@@ -168,9 +186,8 @@ def _attn3d_fwd_packed(
     dv_lo = pid_dv * DV_PER_PROG
     dv_hi = tl.minimum(dv_lo + DV_PER_PROG, DV)
     for c0 in range(dv_lo, dv_hi, BLOCK_DV):
-        c = c0 + tl.arange(0, BLOCK_DV)
-        m2 = (c < DV)[:, None] & ok[None, :]
-        c64 = c[:, None].to(tl.int64)
+        c64, c_ok = _channels(c0, DV, BLOCK_DV)
+        m2 = c_ok & ok[None, :]
         vT = tl.load(V + v_row[None, :] + c64 * svc, mask=m2, other=0.0)
         oT = tl.trans(tl.dot(pv, tl.trans(vT), input_precision=PREC))  # [BLOCK_DV, BLOCK_M]
         if HAS_GAMMA:
@@ -216,9 +233,8 @@ def _attn3d_bwd_packed(
     pT = tl.trans(p).to(DO.dtype.element_ty)
     dp = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     for c0 in range(0, DV, BLOCK_DV):
-        c = c0 + tl.arange(0, BLOCK_DV)
-        m2 = (c < DV)[:, None] & ok[None, :]
-        c64 = c[:, None].to(tl.int64)
+        c64, c_ok = _channels(c0, DV, BLOCK_DV)
+        m2 = c_ok & ok[None, :]
         doT = tl.load(DO + do_row[None, :] + c64 * sdoc, mask=m2, other=0.0)
         vT = tl.load(V + v_row[None, :] + c64 * svc, mask=m2, other=0.0)
         dp += tl.dot(tl.trans(doT), vT, input_precision=PREC)
@@ -239,9 +255,8 @@ def _attn3d_bwd_packed(
     dq_row = _base(seq, head, SN1, SN2, sdqh, sdqs0, sdqs1, sdqs2, SEQ_DIMS) + _split_off(n, TN1, TN2, sdqt0, sdqt1, sdqt2, TOK_DIMS)
     dk_row = _base(seq, head, SN1, SN2, sdkh, sdks0, sdks1, sdks2, SEQ_DIMS) + _split_off(n, TN1, TN2, sdkt0, sdkt1, sdkt2, TOK_DIMS)
     for d0 in range(0, DK, BLOCK_DK):
-        d = d0 + tl.arange(0, BLOCK_DK)
-        m2 = (d < DK)[:, None] & ok[None, :]
-        d64 = d[:, None].to(tl.int64)
+        d64, d_ok = _channels(d0, DK, BLOCK_DK)
+        m2 = d_ok & ok[None, :]
         qT = tl.load(Q + q_row[None, :] + d64 * sqc, mask=m2, other=0.0)
         kT = tl.load(K + k_row[None, :] + d64 * skc, mask=m2, other=0.0)
         dqT = tl.trans(tl.dot(ds, tl.trans(kT), input_precision=PREC)) * sm_scale
@@ -269,25 +284,13 @@ def _attn3d_fwd_flash(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_GAMMA: tl.constexpr, STORE_ATTN: tl.constexpr, PREC: tl.constexpr,
 ):
-    # row blocks of one sequence are adjacent program ids, so its K/V stay hot in L2
-    nb = tl.cdiv(L, BLOCK_M)
-    pid_m = tl.program_id(0) % nb
-    gs = tl.program_id(0) // nb
-    pid_dv = tl.program_id(1)
-    seq = gs // HEADS
-    head = gs % HEADS
+    gs, seq, head, mi, m_ok = _block_of_sequence(L, HEADS, BLOCK_M)
     q_base = _base(seq, head, SN1, SN2, sqh, sqs0, sqs1, sqs2, SEQ_DIMS)
     k_base = _base(seq, head, SN1, SN2, skh, sks0, sks1, sks2, SEQ_DIMS)
     v_base = _base(seq, head, SN1, SN2, svh, svs0, svs1, svs2, SEQ_DIMS)
-
-    mi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = mi < L
-    d = tl.arange(0, BLOCK_DK)
-    d64 = d[:, None].to(tl.int64)
-    d_ok = (d < DK)[:, None]
-    c = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    c64 = c[:, None].to(tl.int64)
-    c_ok = (c < DV)[:, None]
+    d64, d_ok = _channels(0, DK, BLOCK_DK)
+    c64, c_ok = _channels(tl.program_id(1) * BLOCK_DV, DV, BLOCK_DV)
+    pid_dv = tl.program_id(1)
     qT = tl.load(Q + q_base + _split_off(mi, TN1, TN2, sqt0, sqt1, sqt2, TOK_DIMS)[None, :] + d64 * sqc,
                  mask=d_ok & m_ok[None, :], other=0.0)
     q = tl.trans(qT)
@@ -337,21 +340,13 @@ def _attn3d_bwd_delta(
     SEQ_DIMS: tl.constexpr, TOK_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta'_i = sum_c dY_ic A_ic (A = attention output before the epilogue), fp32."""
-    # row blocks of one sequence are adjacent program ids, so its K/V stay hot in L2
-    nb = tl.cdiv(L, BLOCK_M)
-    pid_m = tl.program_id(0) % nb
-    gs = tl.program_id(0) // nb
-    seq = gs // HEADS
-    head = gs % HEADS
-    mi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = mi < L
+    gs, seq, head, mi, m_ok = _block_of_sequence(L, HEADS, BLOCK_M)
     do_off = _base(seq, head, SN1, SN2, sdoh, sdos0, sdos1, sdos2, SEQ_DIMS) + _split_off(mi, TN1, TN2, sdot0, sdot1, sdot2, TOK_DIMS)
     a_off = _base(seq, head, SN1, SN2, sah, sas0, sas1, sas2, SEQ_DIMS) + _split_off(mi, TN1, TN2, sat0, sat1, sat2, TOK_DIMS)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, DV, BLOCK_DV):
-        c = c0 + tl.arange(0, BLOCK_DV)
-        c64 = c[:, None].to(tl.int64)
-        m2 = (c < DV)[:, None] & m_ok[None, :]
+        c64, c_ok = _channels(c0, DV, BLOCK_DV)
+        m2 = c_ok & m_ok[None, :]
         doT = tl.load(DO + do_off[None, :] + c64 * sdoc, mask=m2, other=0.0).to(tl.float32)
         aT = tl.load(A + a_off[None, :] + c64 * sac, mask=m2, other=0.0).to(tl.float32)
         acc += tl.sum(doT * aT, 0)
@@ -371,19 +366,10 @@ def _attn3d_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_GAMMA: tl.constexpr, PREC: tl.constexpr,
 ):
-    # row blocks of one sequence are adjacent program ids, so its K/V stay hot in L2
-    nb = tl.cdiv(L, BLOCK_M)
-    pid_m = tl.program_id(0) % nb
-    gs = tl.program_id(0) // nb
-    seq = gs // HEADS
-    head = gs % HEADS
+    gs, seq, head, mi, m_ok = _block_of_sequence(L, HEADS, BLOCK_M)
     k_base = _base(seq, head, SN1, SN2, skh, sks0, sks1, sks2, SEQ_DIMS)
     v_base = _base(seq, head, SN1, SN2, svh, svs0, svs1, svs2, SEQ_DIMS)
-    mi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = mi < L
-    d = tl.arange(0, BLOCK_DK)
-    d64 = d[:, None].to(tl.int64)
-    d_ok = (d < DK)[:, None]
+    d64, d_ok = _channels(0, DK, BLOCK_DK)
     q_off = _base(seq, head, SN1, SN2, sqh, sqs0, sqs1, sqs2, SEQ_DIMS) + _split_off(mi, TN1, TN2, sqt0, sqt1, sqt2, TOK_DIMS)
     do_off = _base(seq, head, SN1, SN2, sdoh, sdos0, sdos1, sdos2, SEQ_DIMS) + _split_off(mi, TN1, TN2, sdot0, sdot1, sdot2, TOK_DIMS)
     q = tl.trans(tl.load(Q + q_off[None, :] + d64 * sqc, mask=d_ok & m_ok[None, :], other=0.0))
@@ -405,9 +391,7 @@ def _attn3d_bwd_dq(
         # dP = dY V^T over Dv chunks (one for narrow Dv; the dY chunk re-reads hit L1/L2)
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, DV, BLOCK_DV):
-            cc = c0 + tl.arange(0, BLOCK_DV)
-            cc64 = cc[:, None].to(tl.int64)
-            cc_ok = (cc < DV)[:, None]
+            cc64, cc_ok = _channels(c0, DV, BLOCK_DV)
             doT_c = tl.load(DO + do_off[None, :] + cc64 * sdoc, mask=cc_ok & m_ok[None, :], other=0.0)
             vT_c = tl.load(V + v_tok + cc64 * svc, mask=cc_ok & n_ok[None, :], other=0.0)
             dp += tl.dot(tl.trans(doT_c), vT_c, input_precision=PREC)
@@ -433,12 +417,8 @@ def _dkdv_tile(
 ):
     ni = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ni < L
-    d = tl.arange(0, BLOCK_DK)
-    d64 = d[:, None].to(tl.int64)
-    d_ok = (d < DK)[:, None]
-    c = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    c64 = c[:, None].to(tl.int64)
-    c_ok = (c < DV)[:, None]
+    d64, d_ok = _channels(0, DK, BLOCK_DK)
+    c64, c_ok = _channels(dv_block * BLOCK_DV, DV, BLOCK_DV)
     k_off = k_base + _split_off(ni, TN1, TN2, skt0, skt1, skt2, TOK_DIMS)
     v_off = v_base + _split_off(ni, TN1, TN2, svt0, svt1, svt2, TOK_DIMS)
     k = tl.trans(tl.load(K + k_off[None, :] + d64 * skc, mask=d_ok & n_ok[None, :], other=0.0))  # [BN, BDK]
@@ -468,9 +448,7 @@ def _dkdv_tile(
             else:
                 dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for c0 in range(0, DV, BLOCK_DV):
-                    cc = c0 + tl.arange(0, BLOCK_DV)
-                    cc64 = cc[:, None].to(tl.int64)
-                    cc_ok = (cc < DV)[:, None]
+                    cc64, cc_ok = _channels(c0, DV, BLOCK_DV)
                     vT_c = tl.load(V + v_off[None, :] + cc64 * svc, mask=cc_ok & n_ok[None, :], other=0.0)
                     doT_c = tl.load(DO + do_tok + cc64 * sdoc, mask=cc_ok & m_ok[None, :], other=0.0)
                     dpT += tl.dot(tl.trans(vT_c), doT_c, input_precision=PREC)
