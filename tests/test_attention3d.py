@@ -457,6 +457,10 @@ def test_dispatch_table():
     assert A.select_for("cuda", 75, f16, "full", 4096, 128, 128).impl == "sdpa_efficient"
     assert A.select_for("cuda", 75, f16, "spatial", 256, 64, 64).impl == "sdpa_efficient"
     assert A.select_for("cuda", 75, f16, "spatial", 49, 256, 2048).impl == "triton"
+    # the paper head's SSFA (7x7 frames, one head of Dk = 512/2048): packed on every arch and dtype
+    for cc in (75, 80, 90):
+        for dt in (f16, f32):
+            assert A.select_for("cuda", cc, dt, "spatial", 49, 2048, 2048).kernel == "triton-packed"
     assert A.select_for("cuda", 75, f16, "temporal", 8, 64, 512).kernel == "triton-packed"
     assert A.select_for("cuda", 75, f16, "full", 4096, 64, 512).impl == "triton"  # Dk != Dv: not SDPA's
     assert A.select_for("cuda", 75, f32, "full", 4096, 64, 64).impl == "triton"   # fp32: both FFMA

@@ -42,7 +42,7 @@ def arch(request, monkeypatch):
 
 # (shape [B, Dk, T, H, W], Dv, axis, heads): packed and flash for every axis, odd sizes and tails
 CASES = [
-    ((2, 6, 3, 5, 7), 10, "spatial", 2),    # L=35: packed on sm80 (G=1), flash on sm75 (BM=32)
+    ((2, 6, 3, 5, 7), 10, "spatial", 2),    # L=35: packed (G=1)
     ((2, 6, 5, 3, 3), 10, "temporal", 2),   # L=5: packed, many sequences per program
     ((1, 4, 3, 5, 5), 6, "full", 1),        # L=75: flash, key-block tail
     ((1, 4, 70, 1, 2), 4, "temporal", 1),   # L=70: flash on the temporal axis
@@ -55,6 +55,16 @@ def test_matches_float64(case, dtype, arch):
     shape, dv, axis, heads = case
     (q, k, v), r, g = _make(shape, dv, dtype, "contiguous", epilogue=dtype == torch.float16)
     check_against_float64(q, k, v, axis, heads=heads, residual=r, gamma=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sm75_7x7_frames(dtype, monkeypatch):
+    """The AVA head's 7x7 frames (L = 49) on sm_75 tiles run packed with 16-wide Dk/Dv chunks (a tail
+    chunk in both here): the tile that reaches any Dk, where the flash kernels stop at 256."""
+    monkeypatch.setattr(A, "INTERPRET_ARCH", 75)
+    (q, k, v), r, g = _make((1, 40, 2, 7, 7), 24, dtype, "channels_last", epilogue=True)
+    assert _kernel(q, v, "spatial") == "triton-packed"
+    check_against_float64(q, k, v, "spatial", residual=r, gamma=g)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])

@@ -606,12 +606,16 @@ def _flat(geo: _Geometry):
 # sequences per tile: the block-diagonal waste of packing costs real FFMA time there, while on
 # tensor-core archs it fills otherwise idle MMA cycles.
 
-PACKED_BLOCK_DK = 32  # Dk chunk of the packed kernels (they loop over Dk)
-# (family, bits) -> (BLOCK_M, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed
+# (family, bits) -> (BLOCK_M, BLOCK_DK, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed (the
+# packed kernels loop over Dk and Dv in chunks, so any head width fits: the flash kernels hold a whole
+# Dk tile and stop at MAX_HEAD_DIM). 64 rows everywhere, so the AVA head's 7x7 = 49-token frames run
+# packed whatever Dk. The FFMA tiles (sm_75, and fp32 on every arch) take 16-wide chunks: with 32-wide
+# ones the sm_75 fp16 backward needs 255 registers and spills 192-464 bytes (compile_check); 16-wide:
+# 128-172 (fwd) / 124-195 (bwd) registers and no spill on sm_75/80/90.
 PACKED_CONFIGS = {
-    (75, 16): (32, 32, 8, 1), (75, 32): (32, 32, 4, 1),
-    (80, 16): (64, 64, 8, 2), (80, 32): (32, 32, 4, 1),
-    (90, 16): (64, 64, 8, 2), (90, 32): (32, 32, 4, 1),
+    (75, 16): (64, 16, 16, 8, 1), (75, 32): (64, 16, 16, 8, 1),
+    (80, 16): (64, 32, 64, 8, 2), (80, 32): (64, 16, 16, 8, 1),
+    (90, 16): (64, 32, 64, 8, 2), (90, 32): (64, 16, 16, 8, 1),
 }
 # (family, bits) -> padded head dim BLOCK_DK -> (forward tile, backward tile), each
 # (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages)
@@ -679,10 +683,10 @@ def plan(cc: int, L: int, dk: int, dv: int, dtype: torch.dtype = torch.float16) 
     """Kernel family and tiles for head dims (dk, dv), sequence length L and dtype; None if unsupported."""
     fam = arch_family(cc)
     bits = 32 if dtype == torch.float32 else 16
-    bm, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
+    bm, bdk, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
     if L <= bm:
         t = Tile(bm, bm, bdv, w, st)
-        return Plan("packed", fam, bits, PACKED_BLOCK_DK, t, t)
+        return Plan("packed", fam, bits, bdk, t, t)
     if dk > MAX_HEAD_DIM:
         return None
     bdk = _pow2(dk, 64)  # head dims below 64 are padded: QK^T is rarely the cost next to PV
@@ -847,9 +851,9 @@ def compile_specs(cc: int):
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         bits = 32 if dt == "fp32" else 16
-        bm, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
-        cfg = f"{dt} BM={bm} BDK={PACKED_BLOCK_DK} BDV={bdv} w{w}"
-        ce = dict(idx, TOKEN_MAJOR=True, BLOCK_M=bm, BLOCK_DK=PACKED_BLOCK_DK, BLOCK_DV=bdv, HAS_GAMMA=True)
+        bm, bdk, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
+        cfg = f"{dt} BM={bm} BDK={bdk} BDV={bdv} w{w}"
+        ce = dict(idx, TOKEN_MAJOR=True, BLOCK_M=bm, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_GAMMA=True)
         specs.append(_spec(_attn3d_fwd_packed, "attn3d_fwd_packed", cfg, dt, dict(ce, HAS_RES=True), w, st))
         specs.append(_spec(_attn3d_bwd_packed, "attn3d_bwd_packed", cfg, dt, ce, w, st))
         dbm, dbdv, dw = DELTA_TILE
