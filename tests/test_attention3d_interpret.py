@@ -140,6 +140,21 @@ def test_opcheck_triton_path(axis, shape):
                            [t.detach() for t in saved], axis, 2, 0.5, args[4].detach()))
 
 
+@pytest.mark.parametrize("axis,shape", [("full", (1, 4, 3, 5, 5)), ("temporal", (2, 4, 4, 2, 2))])
+def test_eager_path_matches_registered_op(axis, shape):
+    """The eager autograd.Function and the registered op run the same Triton launches: equal bit for bit
+    (flash with its saved attention output, and packed)."""
+    (q, k, v), r, g = _make(shape, 6, torch.float16, "channels_last", epilogue=True)
+    g = g.float()
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=0.5, residual=a[3], gamma=a[4]),
+                   [q, k, v, r, g], go)
+    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, 0.5, a[3], a[4])[0], [q, k, v, r, g], go)
+    assert torch.equal(eager[0], op[0])
+    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
+        assert torch.equal(a, b), name
+
+
 def test_float64_is_not_sent_to_triton():
     (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float64)
     assert A.select(q, k, v, "spatial", 1).impl.startswith("torch_")
