@@ -38,15 +38,21 @@ SHAPES = {
     "cpu_small": dict(N=2, K=8, C=256, T=8, H=8, W=8, embed=256, layers=2),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: fused ops; fused ops with the blocks' projections and attention recomputed in the backward; reference
+VARIANTS = ("fused", "fused_recompute", "reference")
 
 
-def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_head(shape: dict, recompute: bool = False):
     from stssa.models import STSSAHead
+    return STSSAHead(shape["C"], num_classes=80, axes=("spatial", "temporal"), num_layers=shape["layers"],
+                     embed_dim=shape["embed"], branches=("slow", "fast"), slow_kernel=7, layernorm=True,
+                     pool="avg", dropout=0.0, spatial_scale=1 / 16, recompute=recompute)
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0, recompute: bool = False):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = STSSAHead(shape["C"], num_classes=80, axes=("spatial", "temporal"), num_layers=shape["layers"],
-                     embed_dim=shape["embed"], branches=("slow", "fast"), slow_kernel=7, layernorm=True,
-                     pool="avg", dropout=0.0, spatial_scale=1 / 16)
+    head = make_head(shape, recompute)
     with torch.no_grad():  # gamma = 0 would make the attention a no-op in the gradient; use trained-like values
         for n, p in head.named_parameters():
             if "gamma" in n:
@@ -104,11 +110,11 @@ def run_one(args) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     shape, dtype = SHAPES[args.shapes], DTYPES[args.dtype]
-    head, feats, rois, labels = build(shape, device, dtype)
-    fused = args.variant == "fused"
+    fused = args.variant != "reference"
+    head, feats, rois, labels = build(shape, device, dtype, recompute=args.variant == "fused_recompute")
     head.set_fused(fused)
     fn = step_fn(head, feats, rois, labels)
-    row = {"variant": "fused" if fused else "reference", "shapes": args.shapes, "dtype": args.dtype}
+    row = {"variant": args.variant, "shapes": args.shapes, "dtype": args.dtype}
     if device.type == "cuda":
         fn()
         row["peak_mem_mb"] = peak_memory(fn, device) / 2**20
@@ -117,9 +123,60 @@ def run_one(args) -> dict:
         fn()
         row["peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20
     row.update(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
-    if fused:
+    if args.variant == "fused":
         row["dispatch"] = dispatch_notes(head, feats, rois)
     return row
+
+
+def saved_activations(shape: dict, dtype: torch.dtype, cc: int) -> list[dict]:
+    """Bytes autograd keeps for the backward of one head forward (RoI features on; parameters, inputs and
+    the RoIAlign excluded; each storage once), fused / fused with recompute / reference, at the GPU code
+    path of compute capability ``cc``: the head runs on fake CUDA tensors (shapes, no data, no GPU), so
+    the dispatch, the ops' fake kernels and autograd's saved tensors are those of a real GPU run. The
+    activations that stay alive between forward and backward are what separates the variants' peak
+    memory (weights, gradients and the backbone are common to both)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from stssa_kernels.ops import attention3d as a3, temporal_proj as tp
+
+    key = lambda t: StorageWeakRef(t.untyped_storage()).cdata  # noqa: E731
+    saved_cc = a3._cc, tp._cc
+    a3._cc = lambda d: cc if d.type == "cuda" else a3.INTERPRET_ARCH
+    tp._cc = lambda d: cc if d.type == "cuda" else 0
+    a3.clear_dispatch_cache()
+    rows = []
+    try:
+        for variant in ("fused", "fused_recompute", "reference"):
+            with torch.device("meta"):
+                head = make_head(shape, recompute=variant == "fused_recompute")
+            head.set_fused(variant != "reference")
+            head.roi_features = lambda f, r: f  # RoIAlign's input checks read box values, which fakes lack
+            seen, biggest = {}, {}
+
+            def pack(t, seen=seen, biggest=biggest):
+                seen[key(t)] = t.untyped_storage().nbytes()
+                biggest[key(t)] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
+                return t
+
+            with FakeTensorMode():
+                params = {n: torch.empty(p.shape, dtype=dtype, device="cuda", requires_grad=True)
+                          for n, p in head.named_parameters()}
+                x = torch.empty(shape["K"], shape["C"], shape["T"], 7, 7, dtype=dtype, device="cuda", requires_grad=True)
+                rois = torch.zeros(shape["K"], 5, device="cuda")
+                labels = torch.zeros(shape["K"], 80, device="cuda")
+                skip = {key(t) for t in [*params.values(), x, rois, labels]}
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    logits = functional_call(head, params, (x, rois))
+                    torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+            total = sum(v for k, v in seen.items() if k not in skip)
+            top = sorted((v for k, v in biggest.items() if k not in skip), reverse=True)[:3]
+            rows.append({"variant": variant, "saved_mib": total / 2**20,
+                         "largest": "; ".join(f"{b / 2**20:.0f} MiB {list(s)} {d}" for b, s, d in top)})
+    finally:
+        a3._cc, tp._cc = saved_cc
+        a3.clear_dispatch_cache()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -130,7 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shapes", default=None, choices=sorted(SHAPES))
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    ap.add_argument("--variant", choices=["fused", "reference"], help=argparse.SUPPRESS)  # subprocess entry
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # subprocess entry
+    ap.add_argument("--saved-activations", action="store_true",
+                    help="no timing: bytes saved for the backward on fake CUDA tensors of --arch (no GPU needed)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability for --saved-activations (75, 80, 90)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.shapes = args.shapes or ("ava" if device.type == "cuda" else "cpu_small")
@@ -139,9 +199,26 @@ def main(argv=None) -> int:
     if args.variant:
         print(json.dumps(run_one(args)))
         return 0
+    if args.saved_activations:
+        shapes = args.shapes if args.shapes != "cpu_small" or device.type == "cuda" else "ava"
+        dtype = DTYPES["bfloat16" if args.dtype == "float32" and device.type == "cpu" else args.dtype]
+        rows = saved_activations(SHAPES[shapes], dtype, args.arch)
+        ref = next(r["saved_mib"] for r in rows if r["variant"] == "reference")
+        for r in rows:
+            r["reference_over_this"] = ref / r["saved_mib"]
+        print(f"Activations saved for the backward, STSSA head at {shapes} {SHAPES[shapes]}, {dtype}, the sm_{args.arch} "
+              "code path on fake CUDA tensors (no GPU; RoIAlign, parameters and inputs excluded)")
+        print_table(rows, [("variant", "variant"), ("saved_mib", "saved MiB"), ("reference_over_this", "ref / this"),
+                           ("largest", "largest saved tensors")])
+        path = write_results(f"head_saved_activations_sm{args.arch}", torch.device("cpu"),
+                             {"shapes": {shapes: SHAPES[shapes]}, "dtype": str(dtype).replace("torch.", ""),
+                              "simulated_arch": args.arch, "rows": rows,
+                              "measure": "bytes of storages saved by autograd (saved_tensors_hooks), fake CUDA tensors"})
+        print(f"wrote {path}")
+        return 0
 
     rows = []
-    for variant in ("fused", "reference"):
+    for variant in VARIANTS:
         if device.type == "cuda":
             args.variant = variant
             rows.append(run_one(args))
@@ -155,10 +232,12 @@ def main(argv=None) -> int:
                 [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-    f, r = rows
+    f, fr, r = rows
     mem_key = "peak_mem_mb" if device.type == "cuda" else "peak_rss_growth_mb"
     summary = {"speedup": r["median_ms"] / f["median_ms"],
                "memory_ratio": (r[mem_key] / f[mem_key]) if f[mem_key] > 0 else None,
+               "speedup_recompute": r["median_ms"] / fr["median_ms"],
+               "memory_ratio_recompute": (r[mem_key] / fr[mem_key]) if fr[mem_key] > 0 else None,
                "memory_measure": "cuda max_memory_allocated above baseline" if device.type == "cuda"
                else "growth of peak RSS over RSS before the first call (fresh process per variant)"}
     if device.type == "cpu":
@@ -167,8 +246,10 @@ def main(argv=None) -> int:
           f"{device_info(device)['name']}" + (f", {args.threads} threads" if device.type == "cpu" else ""))
     print_table(rows, [("variant", "variant"), ("median_ms", "median ms"), ("min_ms", "min ms"),
                        ("repeats", "n"), (mem_key, mem_key.replace("_", " "))])
-    print(f"speedup fused vs reference: {summary['speedup']:.2f}x; memory ratio: "
-          + (f"{summary['memory_ratio']:.2f}x" if summary["memory_ratio"] else "n/a"))
+    for tag, sp, mr in (("fused", "speedup", "memory_ratio"), ("fused_recompute", "speedup_recompute",
+                                                                 "memory_ratio_recompute")):
+        print(f"{tag} vs reference: speed-up {summary[sp]:.2f}x; memory ratio: "
+              + (f"{summary[mr]:.2f}x" if summary[mr] else "n/a"))
     print(f"dispatch: {f.get('dispatch')}")
     if device.type == "cpu":
         print("NOTE: CPU run at reduced shapes; the targets (2x time, 2x memory) are for the GPU 'ava' shapes.")

@@ -261,6 +261,27 @@ def test_gpu_stssa_fused_error_within_rule(amp, embed_dim):
     _check_error_rule(cfg, seed=7, device="cuda", amp=amp)
 
 
+@pytest.mark.parametrize("fused", [True, False] if FUSED_STSSA else [False])
+def test_recompute_gives_the_same_outputs_and_gradients(fused):
+    """``recompute`` (activation checkpointing of each block's projections + attention) changes what is
+    kept for the backward, not the numbers."""
+    cfg = {"backbone": TINY_BACKBONE, "head": {**STSSA_2L["head"], "recompute": False}}
+    runs = []
+    for recompute in (False, True):
+        cfg["head"]["recompute"] = recompute
+        gen = torch.Generator().manual_seed(9)
+        torch.manual_seed(9)
+        model = build_model(cfg, use_fused=fused, load_pretrained=False).double().eval()
+        _randomise_gammas(model, gen)
+        clips = torch.randn(2, 3, 8, 64, 80, generator=gen, dtype=torch.float64)
+        out = model(clips, _rois(2, 5, 64, gen, torch.float64))
+        out.sum().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    for n in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][n], runs[1][1][n], rtol=1e-12, atol=1e-14, msg=n)
+
+
 def test_baseline_fused_matches_reference_float64():
     """The baseline head's two paths (roi_align3d on the T=1 mean vs torchvision roi_align)."""
     r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": {"type": "baseline"}}, torch.float64, seed=5)

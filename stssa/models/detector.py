@@ -37,7 +37,7 @@ class ActionDetector(nn.Module):
 
 _HEAD_KEYS = {
     "stssa": {"axes", "num_layers", "embed_dim", "branches", "slow_kernel", "heads", "layernorm", "pool",
-              "dropout", "roi_size", "sampling_ratio", "aligned"},
+              "dropout", "roi_size", "sampling_ratio", "aligned", "recompute"},
     "baseline": {"pool", "dropout", "roi_size", "sampling_ratio", "aligned"},
 }
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .ops import get_op
@@ -54,7 +55,7 @@ class SlowFastAttention(nn.Module):
     """
 
     def __init__(self, channels: int, embed_dim: int, axis: str, branches: Sequence[str] = ("slow", "fast"),
-                 slow_kernel: int = 7, heads: int = 1, layernorm: bool = False):
+                 slow_kernel: int = 7, heads: int = 1, layernorm: bool = False, recompute: bool = False):
         super().__init__()
         if axis not in AXES:
             raise ValueError(f"SlowFastAttention: axis must be one of {AXES}, got {axis!r}")
@@ -67,6 +68,7 @@ class SlowFastAttention(nn.Module):
         self.axis = axis
         self.branches = tuple(branches)
         self.heads = heads
+        self.recompute = bool(recompute)
         self.use_fused = True
         self.proj = nn.ModuleDict()
         for b in self.branches:
@@ -83,7 +85,7 @@ class SlowFastAttention(nn.Module):
     def _convs(self):
         return [self.proj[b][n] for b in self.branches for n in ("q", "k", "v")]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _attend(self, x: Tensor) -> Tensor:
         temporal_proj = get_op("temporal_proj", self.use_fused)
         attention3d = get_op("attention3d", self.use_fused)
         convs = self._convs()
@@ -92,6 +94,16 @@ class SlowFastAttention(nn.Module):
         for i, b in enumerate(self.branches):
             q, k, v = qkv[3 * i: 3 * i + 3]
             y = attention3d(q, k, v, self.axis, heads=self.heads, residual=y, gamma=self.gamma[b])
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        # recompute: keep only the block's input for the backward and redo the projections and the
+        # attention there. The Q/K/V projections (2 x embed + C channels per branch) are most of what
+        # the block saves, and the fused kernels cannot drop them: they are the attention's inputs.
+        if self.recompute and torch.is_grad_enabled():
+            y = torch.utils.checkpoint.checkpoint(self._attend, x, use_reentrant=False)
+        else:
+            y = self._attend(x)
         return self.norm(y) if self.norm is not None else y
 
     def extra_repr(self) -> str:
@@ -105,7 +117,7 @@ class STSSAHead(nn.Module):
                  num_layers: int = 1, embed_dim: int = 512, branches: Sequence[str] = ("slow", "fast"),
                  slow_kernel: int = 7, heads: int = 1, layernorm: bool = False, pool: str = "avg",
                  dropout: float = 0.5, roi_size: int = 7, spatial_scale: float = 1 / 16,
-                 sampling_ratio: int = 0, aligned: bool = True, use_fused: bool = True):
+                 sampling_ratio: int = 0, aligned: bool = True, use_fused: bool = True, recompute: bool = False):
         super().__init__()
         if pool not in ("avg", "max"):
             raise ValueError(f"STSSAHead: pool must be 'avg' or 'max', got {pool!r}")
@@ -120,7 +132,7 @@ class STSSAHead(nn.Module):
         self.aligned = bool(aligned)
         self.pool = pool
         self.blocks = nn.ModuleList(
-            SlowFastAttention(in_channels, embed_dim, axis, branches, slow_kernel, heads, layernorm)
+            SlowFastAttention(in_channels, embed_dim, axis, branches, slow_kernel, heads, layernorm, recompute)
             for _ in range(num_layers) for axis in axes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
