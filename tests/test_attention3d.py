@@ -303,6 +303,17 @@ def test_opcheck(case, request):
                            0.5, g.detach() if g is not None else None))
 
 
+def assert_eager_matches_op(inputs, axis, heads, scale, go):
+    """``attention3d`` (the eager path: autograd.Function or C++ op) and ``torch.ops.stssa.attention3d``
+    (the registered custom op) give the same output and gradients, bit for bit."""
+    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
+                   inputs, go)
+    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, heads, scale, a[3], a[4])[0], inputs, go)
+    assert torch.equal(eager[0], op[0])
+    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_eager_path_matches_registered_op(axis, layout):
@@ -311,13 +322,7 @@ def test_eager_path_matches_registered_op(axis, layout):
     (q, k, v), r, g = _make((2, 4, 3, 5, 4), 6, torch.float32, layout, epilogue=True, seed=3)
     g = g.float()
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
-    scale = 2 ** -0.5
-    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=scale, residual=a[3], gamma=a[4]),
-                   [q, k, v, r, g], go)
-    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, scale, a[3], a[4])[0], [q, k, v, r, g], go)
-    assert torch.equal(eager[0], op[0])
-    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
-        assert torch.equal(a, b), name
+    assert_eager_matches_op([q, k, v, r, g], axis, 2, 2 ** -0.5, go)
 
 
 def test_eager_path_only_where_nothing_else_looks(monkeypatch):
@@ -636,12 +641,7 @@ def test_gpu_eager_path_matches_registered_op(axis):
     (q, k, v), r, g = _make((2, 16, 5, 7, 7), 32, torch.float16, "channels_last", epilogue=True, device="cuda")
     g = g.float()
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to("cuda", torch.float16)
-    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=0.25, residual=a[3], gamma=a[4]),
-                   [q, k, v, r, g], go)
-    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, 0.25, a[3], a[4])[0], [q, k, v, r, g], go)
-    assert torch.equal(eager[0], op[0])
-    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
-        assert torch.equal(a, b), name
+    assert_eager_matches_op([q, k, v, r, g], axis, 2, 0.25, go)
 
 
 @pytest.fixture

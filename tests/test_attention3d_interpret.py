@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.interpret,
 if os.environ.get("TRITON_INTERPRET") == "1":
     from stssa_kernels import attention3d
     from stssa_kernels.ops import attention3d as A
-    from test_attention3d import _grads, _make, check_against_float64
+    from test_attention3d import _grads, _make, assert_eager_matches_op, check_against_float64
 
 
 def _kernel(q, v, axis, heads=1):
@@ -147,12 +147,7 @@ def test_eager_path_matches_registered_op(axis, shape):
     (q, k, v), r, g = _make(shape, 6, torch.float16, "channels_last", epilogue=True)
     g = g.float()
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(torch.float16)
-    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=2, scale=0.5, residual=a[3], gamma=a[4]),
-                   [q, k, v, r, g], go)
-    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, 2, 0.5, a[3], a[4])[0], [q, k, v, r, g], go)
-    assert torch.equal(eager[0], op[0])
-    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
-        assert torch.equal(a, b), name
+    assert_eager_matches_op([q, k, v, r, g], axis, 2, 0.5, go)
 
 
 def test_float64_is_not_sent_to_triton():
