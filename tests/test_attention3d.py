@@ -424,6 +424,24 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(x.grad, y.grad)
 
 
+def test_torch_compile_dynamic_shapes():
+    """Symbolic shapes reach the op's fake kernel and the sequence-view arithmetic (uncached there)."""
+    def f(q, k, v, r, g):
+        return attention3d(q, k, v, "temporal", heads=2, residual=r, gamma=g).sum()
+
+    cf = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    for seed, shape in enumerate([(2, 4, 3, 5, 4), (1, 4, 5, 3, 2)]):
+        (q, k, v), r, g = _make(shape, 4, torch.float32, "channels_last", epilogue=True, seed=seed)
+        g = g.float()
+        a = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
+        b = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
+        lc, lr = cf(*a), attention3d_ref(*b[:3], "temporal", 2, None, b[3], b[4]).sum()
+        lc.backward(), lr.backward()
+        torch.testing.assert_close(lc, lr)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_self_attention_module_fused_matches_reference():
     torch.manual_seed(0)
     m = SelfAttention3d(16, "spatial", heads=2)

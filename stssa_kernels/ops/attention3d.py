@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext  # noqa: F401  (the C++ library defines stssa::_attention3d_cpu)
-from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_as_6d, to_seq
+from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, to_seq
 from ..triton import attention3d as _tk
 from ._eager import plain_eager
 
@@ -348,12 +348,10 @@ def _static(x: Tensor) -> bool:
     return not any(isinstance(s, torch.SymInt) for s in (*x.shape, *x.stride(), x.storage_offset()))
 
 
-@functools.lru_cache(maxsize=4096)
-def _seq_geometry(shape: tuple, stride: tuple, axis: str, heads: int, unit_last: bool):
+def _seq_geometry_of(shape: tuple, stride: tuple, axis: str, heads: int, unit_last: bool):
     """(size, stride) of the [sequences, heads, L, d] view of a [B, D, T, H, W] tensor with these
-    strides, or None where that view needs a copy (or, ``unit_last``, where d's stride is not 1).
-    Plain-int arithmetic, cached: the same answer as permuting and merging (``_seq_view_generic``)
-    at a fraction of its per-call cost (measured ~35 us per tensor on the CPU for the view calls)."""
+    strides, or None where that view needs a copy (or, ``unit_last``, where d's stride is not 1): the
+    permuted dims of each sequence dim must chain (size-1 dims aside). Ints or SymInts."""
     B, D, T, H, W = shape
     sB, sD, sT, sH, sW = stride
     d = D // heads
@@ -372,32 +370,22 @@ def _seq_geometry(shape: tuple, stride: tuple, axis: str, heads: int, unit_last:
     return tuple(out_size), tuple(out_stride)
 
 
-def _seq_view_generic(x: Tensor, axis: str, heads: int, unit_last: bool):
-    y6 = _heads6(x, heads).permute(_SEQ_PERM[axis])
-    size, stride = y6.shape, y6.stride()
-    for group in _SEQ_GROUPS[axis]:
-        dims = [i for i in group if size[i] != 1]
-        if any(stride[a] != stride[b] * size[b] for a, b in zip(dims, dims[1:])):
-            return None
-    if unit_last and stride[5] != 1:
-        return None
-    return to_seq(x, axis, heads)  # a view now
+# eager shapes repeat: cached, the arithmetic costs less than the ~35 us per tensor of permute + reshape
+_seq_geometry = functools.lru_cache(maxsize=4096)(_seq_geometry_of)
 
 
 def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool):
     """The sequence-layout view of ``x`` if it needs no copy (None otherwise); a pure function of the
     strides, so the forward (which saves the copies it makes) and the backward (which re-views what
     was not saved) agree, eagerly and under fake tensors."""
-    if not _static(x):
-        return _seq_view_generic(x, axis, heads, unit_last) if x.numel() != 0 else to_seq(x, axis, heads)
     if x.numel() == 0:
         return to_seq(x, axis, heads)  # reshape views any empty tensor
-    g = _seq_geometry(tuple(x.shape), x.stride(), axis, heads, unit_last)
+    geometry = _seq_geometry if _static(x) else _seq_geometry_of
+    g = geometry(tuple(x.shape), tuple(x.stride()), axis, heads, unit_last)
     return None if g is None else x.as_strided(g[0], g[1], x.storage_offset())
 
 
-@functools.lru_cache(maxsize=4096)
-def _seq6_geometry(seq_shape: tuple, seq_stride: tuple, axis: str, shape: tuple):
+def _seq6_geometry_of(seq_shape: tuple, seq_stride: tuple, axis: str, shape: tuple):
     """(size, stride) of ``seq_as_6d``: [sequences, heads, L, d] -> [B, heads, d, T, H, W] (always a view)."""
     B, _, T, H, W = shape
     _, h, _, d = seq_shape
@@ -411,11 +399,14 @@ def _seq6_geometry(seq_shape: tuple, seq_stride: tuple, axis: str, shape: tuple)
     return (B, h, d, T, H, W), stride
 
 
+_seq6_geometry = functools.lru_cache(maxsize=4096)(_seq6_geometry_of)
+
+
 def _seq6(y: Tensor, axis: str, shape) -> Tensor:
-    """``seq_as_6d`` through cached stride arithmetic on eager tensors."""
-    if not (_static(y) and y.numel() and all(type(s) is int for s in shape)):
-        return seq_as_6d(y, axis, shape)
-    size, stride = _seq6_geometry(tuple(y.shape), y.stride(), axis, tuple(shape))
+    """``seq_as_6d`` (reference.attention3d) through stride arithmetic, cached for eager shapes."""
+    static = _static(y) and all(type(s) is int for s in shape)
+    size, stride = (_seq6_geometry if static else _seq6_geometry_of)(tuple(y.shape), tuple(y.stride()), axis,
+                                                                    tuple(shape))
     return y.as_strided(size, stride, y.storage_offset())
 
 
@@ -556,26 +547,43 @@ def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, 
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
 
 
+def _save(ctx, c: Choice, q, k, v, axis, heads, scale, residual, gamma, out, lse, saved) -> None:
+    """What the backward of the forward that ran ``c`` needs (shared by the registered op's autograd and
+    the eager autograd.Function)."""
+    ctx.save_for_backward(q, k, v, out if _needs_out(c, residual is not None or gamma is not None) else None, lse,
+                          gamma, *saved)
+    ctx.axis, ctx.heads, ctx.scale, ctx.choice = axis, heads, scale, c
+    ctx.has_residual = residual is not None
+
+
+def _grads(ctx, grad_out, eager: bool):
+    """(dq, dk, dv, dresidual, dgamma) from what ``_save`` kept. Through the registered backward op,
+    except eager calls without create_graph, which run its implementation directly (with
+    create_graph=True the op's node names it when a double backward reaches it)."""
+    q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
+    out = out if out is not None else q.new_empty(0)
+    if eager and not torch.is_grad_enabled():
+        dq, dk, dv, dgamma = _backward_impl(ctx.choice, grad_out, q, k, v, out, lse, saved, ctx.axis, ctx.heads,
+                                            ctx.scale, gamma)
+    else:
+        dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(grad_out, q, k, v, out, lse, saved, ctx.axis,
+                                                                   ctx.heads, ctx.scale, gamma)
+        dgamma = dgamma if gamma is not None else None
+    return dq, dk, dv, (grad_out if ctx.has_residual else None), dgamma
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, axis, heads, scale, residual, gamma = inputs
     out, lse, saved = output
-    epilogue = residual is not None or gamma is not None
-    keep_out = _needs_out(select(q, k, v, axis, heads), epilogue)
-    ctx.save_for_backward(q, k, v, out if keep_out else None, lse, gamma, *saved)
-    ctx.axis, ctx.heads, ctx.scale = axis, heads, scale
-    ctx.has_residual = residual is not None
+    _save(ctx, select(q, k, v, axis, heads), q, k, v, axis, heads, scale, residual, gamma, out, lse, saved)
     ctx.mark_non_differentiable(lse, *saved)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_saved):
-    q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None, None, None
-    dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(
-        grad_out, q, k, v, out if out is not None else q.new_empty(0), lse, saved, ctx.axis, ctx.heads,
-        ctx.scale, gamma)
-    dres = grad_out if ctx.has_residual else None
-    return dq, dk, dv, None, None, None, dres, (dgamma if gamma is not None else None)
+    dq, dk, dv, dres, dgamma = _grads(ctx, grad_out, eager=False)
+    return dq, dk, dv, None, None, None, dres, dgamma
 
 
 _attention3d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -599,25 +607,12 @@ class _Attention3dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, residual, gamma, axis, heads, scale, c):
         out, lse, saved = _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma)
-        epilogue = residual is not None or gamma is not None
-        ctx.save_for_backward(q, k, v, out if _needs_out(c, epilogue) else None, lse, gamma, *saved)
-        ctx.args = (axis, heads, scale, c, residual is not None)
+        _save(ctx, c, q, k, v, axis, heads, scale, residual, gamma, out, lse, saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
-        axis, heads, scale, c, has_residual = ctx.args
-        out = out if out is not None else q.new_empty(0)
-        if torch.is_grad_enabled():
-            # create_graph=True: through the registered backward op, whose autograd node names the op
-            # when a double backward reaches it (as the registered forward's graph would)
-            dq, dk, dv, dgamma = torch.ops.stssa._attention3d_backward(grad_out, q, k, v, out, lse, saved, axis, heads,
-                                                                       scale, gamma)
-            dgamma = dgamma if gamma is not None else None
-        else:
-            dq, dk, dv, dgamma = _backward_impl(c, grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma)
-        return dq, dk, dv, (grad_out if has_residual else None), dgamma, None, None, None, None
+        return (*_grads(ctx, grad_out, eager=True), None, None, None, None)
 
 
 @torch.library.register_fake("stssa::_attention3d_cpu")

@@ -480,13 +480,15 @@ def _setup_context(ctx, inputs, output):
     ctx.out_channels, ctx.kernel_sizes, ctx.has_bias = out_channels, kernel_sizes, bias is not None
 
 
-def _backward(ctx, grad_y):
+def _backward(ctx, grad_y, impl=None):
+    """Gradients through the registered backward op, or through ``impl`` (its implementation, for the
+    eager path without create_graph)."""
     x, weight = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if not any(mask):
         return None, None, None, None, None
-    dx, dw, db = torch.ops.stssa._temporal_proj_backward(grad_y, x, weight, ctx.out_channels,
-                                                         ctx.kernel_sizes, mask)
+    dx, dw, db = (impl or torch.ops.stssa._temporal_proj_backward)(grad_y, x, weight, ctx.out_channels,
+                                                                   ctx.kernel_sizes, mask)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None
 
 
@@ -499,22 +501,13 @@ class _TemporalProjFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_channels, kernel_sizes):
-        ctx.save_for_backward(x, weight)
-        ctx.out_channels, ctx.kernel_sizes, ctx.has_bias = out_channels, kernel_sizes, bias is not None
+        _setup_context(ctx, (x, weight, bias, out_channels, kernel_sizes), None)
         return _forward_impl(x, weight, bias, out_channels, kernel_sizes)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if not any(mask):
-            return None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: the registered op's node names it on a double backward
-            dx, dw, db = torch.ops.stssa._temporal_proj_backward(grad_y, x, weight, ctx.out_channels,
-                                                                 ctx.kernel_sizes, mask)
-        else:
-            dx, dw, db = _backward_impl(grad_y, x, weight, ctx.out_channels, ctx.kernel_sizes, mask)
-        return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None
+        # create_graph=True: through the registered op, whose node names it on a double backward
+        return _backward(ctx, grad_y, None if torch.is_grad_enabled() else _backward_impl)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
