@@ -138,44 +138,35 @@ def saved_activations(shape: dict, dtype: torch.dtype, cc: int) -> list[dict]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
     from torch.multiprocessing.reductions import StorageWeakRef
-    from stssa_kernels.ops import attention3d as a3, temporal_proj as tp
+    from stssa_kernels.ops._arch import assume_capability
 
     key = lambda t: StorageWeakRef(t.untyped_storage()).cdata  # noqa: E731
-    saved_cc = a3._cc, tp._cc
-    a3._cc = lambda d: cc if d.type == "cuda" else a3.INTERPRET_ARCH
-    tp._cc = lambda d: cc if d.type == "cuda" else 0
-    a3.clear_dispatch_cache()
     rows = []
-    try:
-        for variant in ("fused", "fused_recompute", "reference"):
-            with torch.device("meta"):
-                head = make_head(shape, recompute=variant == "fused_recompute")
-            head.set_fused(variant != "reference")
-            head.roi_features = lambda f, r: f  # RoIAlign's input checks read box values, which fakes lack
-            seen, biggest = {}, {}
+    for variant in VARIANTS:
+        with torch.device("meta"):
+            head = make_head(shape, recompute=variant == "fused_recompute")
+        head.set_fused(variant != "reference")
+        head.roi_features = lambda f, r: f  # RoIAlign's input checks read box values, which fakes lack
+        saved, skip = {}, set()  # activation storage -> (bytes, shape, dtype); inputs and parameters
 
-            def pack(t, seen=seen, biggest=biggest):
-                seen[key(t)] = t.untyped_storage().nbytes()
-                biggest[key(t)] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
-                return t
+        def pack(t, saved=saved, skip=skip):
+            if key(t) not in skip:
+                saved[key(t)] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            return t
 
-            with FakeTensorMode():
-                params = {n: torch.empty(p.shape, dtype=dtype, device="cuda", requires_grad=True)
-                          for n, p in head.named_parameters()}
-                x = torch.empty(shape["K"], shape["C"], shape["T"], 7, 7, dtype=dtype, device="cuda", requires_grad=True)
-                rois = torch.zeros(shape["K"], 5, device="cuda")
-                labels = torch.zeros(shape["K"], 80, device="cuda")
-                skip = {key(t) for t in [*params.values(), x, rois, labels]}
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    logits = functional_call(head, params, (x, rois))
-                    torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
-            total = sum(v for k, v in seen.items() if k not in skip)
-            top = sorted((v for k, v in biggest.items() if k not in skip), reverse=True)[:3]
-            rows.append({"variant": variant, "saved_mib": total / 2**20,
-                         "largest": "; ".join(f"{b / 2**20:.0f} MiB {list(s)} {d}" for b, s, d in top)})
-    finally:
-        a3._cc, tp._cc = saved_cc
-        a3.clear_dispatch_cache()
+        with assume_capability(cc), FakeTensorMode():
+            params = {n: torch.empty(p.shape, dtype=dtype, device="cuda", requires_grad=True)
+                      for n, p in head.named_parameters()}
+            x = torch.empty(shape["K"], shape["C"], shape["T"], 7, 7, dtype=dtype, device="cuda", requires_grad=True)
+            rois = torch.zeros(shape["K"], 5, device="cuda")
+            labels = torch.zeros(shape["K"], 80, device="cuda")
+            skip.update(key(t) for t in [*params.values(), x, rois, labels])
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = functional_call(head, params, (x, rois))
+                torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        acts = sorted(saved.values(), reverse=True)
+        rows.append({"variant": variant, "saved_mib": sum(v[0] for v in acts) / 2**20,
+                     "largest": "; ".join(f"{b / 2**20:.0f} MiB {list(s)} {d}" for b, s, d in acts[:3])})
     return rows
 
 

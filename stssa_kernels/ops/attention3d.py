@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library defines stssa::_attention3d_cpu)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, to_seq
 from ..triton import attention3d as _tk
+from ._arch import cuda_capability
 from ._eager import plain_eager
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "Rule", "select", "select_for", "explain",
@@ -139,10 +140,7 @@ def _interpret() -> bool:
 
 
 def _cc(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
-    return INTERPRET_ARCH
+    return cuda_capability(device) if device.type == "cuda" else INTERPRET_ARCH
 
 
 def select_for(device: str, cc: int, dtype: torch.dtype, axis: str, L: int, dk: int, dv: int,

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
+from ._arch import cuda_capability
 from ._eager import plain_eager
 
 try:  # Triton is optional for CPU-only installs (torch CPU wheels do not bring it)
@@ -144,10 +145,7 @@ def _aligned(x: Tensor, out_channels: Sequence[int]) -> bool:
 
 
 def _cc(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return cuda_capability(device) if device.type == "cuda" else 0
 
 
 def route(device_type: str, cc: int, dtype: torch.dtype, aligned: bool, interpreting: bool,
