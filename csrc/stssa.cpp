@@ -37,11 +37,6 @@ TORCH_LIBRARY(stssa, m) {
   m.def("_roi_align3d_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
         "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt time, SymInt height, SymInt width, "
         "int sampling_ratio, bool aligned) -> Tensor");
-  // attention3d's eager CPU path (stssa_kernels/ops/attention3d.py takes it for CPU problems whose scores
-  // fit one block; csrc/cpu/attention3d_math.cpp): q, k [B, Dk, T, H, W], v and residual [B, Dv, T, H, W],
-  // gamma a one-element tensor -> residual + gamma * attention, [B, Dv, T, H, W] in v's layout.
-  m.def("_attention3d_cpu(Tensor q, Tensor k, Tensor v, str axis, int heads, float scale, Tensor? residual, "
-        "Tensor? gamma) -> Tensor");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -151,23 +151,11 @@ def test_blocked_math_path_bounded_memory(monkeypatch):
     A.clear_dispatch_cache()
     try:
         (q, k, v), r, g = _make((1, 4, 2, 5, 5), 6, torch.float32, epilogue=True)
-        c, cpp = A._eager_plan("cpu", A._cc(q.device), q.dtype, q.shape, v.shape[1], "full", 1, True, False)
-        assert c.impl == "torch_math" and not cpp  # the Python blocked path, not the one-block C++ op
+        c = A._eager_plan("cpu", A._cc(q.device), q.dtype, q.shape, v.shape[1], "full", 1, True, False)
+        assert c.impl == "torch_math"  # the blocked path
         check_against_float64(q, k, v, "full", residual=r, gamma=g)
     finally:
         A.clear_dispatch_cache()
-
-
-def test_small_cpu_problems_take_the_cpp_op(monkeypatch):
-    calls = []
-    real = A._ATTENTION3D_CPU
-    monkeypatch.setattr(A, "_ATTENTION3D_CPU", lambda *a: calls.append(a[3]) or real(*a))
-    (q, k, v), r, g = _make((2, 4, 3, 5, 4), 6, torch.float32, epilogue=True)
-    for axis in AXES:
-        attention3d(q.requires_grad_(), k, v, axis, residual=r, gamma=g).sum().backward()
-        with torch.no_grad():
-            attention3d(q, k, v, axis)
-    assert calls == [a for a in AXES for _ in range(2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -249,7 +237,7 @@ def test_empty_batch():
 
 
 def test_zero_key_width_is_uniform_attention():
-    """Dk = 0: every logit is 0, so each query averages the values of its sequence (eager C++ path and
+    """Dk = 0: every logit is 0, so each query averages the values of its sequence (eager path and
     registered op alike)."""
     (_, _, v), _, _ = _make((2, 4, 3, 2, 5), 6, torch.float32)
     q = torch.empty(2, 0, 3, 2, 5)
@@ -304,7 +292,7 @@ def test_opcheck(case, request):
 
 
 def assert_eager_matches_op(inputs, axis, heads, scale, go):
-    """``attention3d`` (the eager path: autograd.Function or C++ op) and ``torch.ops.stssa.attention3d``
+    """``attention3d`` (the eager path: one autograd.Function) and ``torch.ops.stssa.attention3d``
     (the registered custom op) give the same output and gradients, bit for bit."""
     eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
                    inputs, go)
@@ -346,26 +334,11 @@ def test_eager_path_only_where_nothing_else_looks(monkeypatch):
 def test_eager_double_backward_is_a_clear_error(request):
     (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 4, torch.float64)
     q.requires_grad_()
-    # the C++ CPU op (small problems) refuses create_graph=True at once
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
-    # the Python autograd.Function (other implementations) goes through the registered backward op,
-    # whose node names it when the double backward reaches it
-    request.getfixturevalue("cpu_flash")
+    # the autograd.Function goes through the registered backward op, whose node names it when the
+    # double backward reaches it
     (dq,) = torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="_attention3d_backward"):
         dq.sum().backward()
-
-
-@pytest.mark.parametrize("axis", AXES)
-def test_cpp_cpu_op_registration(axis):
-    """stssa::_attention3d_cpu (the eager CPU path of small problems): schema, fake kernel, C++ autograd."""
-    (q, k, v), r, g = _make((2, 4, 3, 2, 5), 6, torch.float32, "channels_last", epilogue=True)
-    args = [t.requires_grad_() for t in (q, k, v, r, g.float())]
-    torch.library.opcheck(torch.ops.stssa._attention3d_cpu.default, (*args[:3], axis, 2, 0.5, *args[3:]),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    out = torch.ops.stssa._attention3d_cpu(*args[:3], axis, 2, 0.5, *args[3:])
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_cpu_inference_rule():
@@ -389,7 +362,7 @@ def test_cpu_inference_rule():
        scale=st.sampled_from([None, 1.0, 0.3]), seed=st.integers(0, 2 ** 16))
 def test_property_float64_and_both_paths(B, heads, dk, dv, T, H, W, axis, layout, epilogue, scale, seed):
     """Random shapes, axes, head counts, layouts and epilogues: float64 forward and gradients equal the
-    composition's, and the eager path (C++ op or autograd.Function) equals the registered op bit for bit."""
+    composition's, and the eager path (the autograd.Function) equals the registered op bit for bit."""
     (q, k, v), r, g = _make((B, dk * heads, T, H, W), dv * heads, torch.float64, layout, epilogue, seed=seed)
     inputs = [q, k, v, r, g]
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)

@@ -17,9 +17,7 @@ through them as opaque calls, and ``register_autograd`` connects them.
 Plain eager calls (no torch.compile, fake tensors, dispatch or torch-function modes, functorch
 transforms, tensor subclasses or autocast) skip the custom_op's dispatcher round trips, which cost as
 much as the arithmetic of a small problem on the CPU: the same implementation runs through one
-``torch.autograd.Function``, and the CPU math path of problems whose scores fit one block runs as the
-C++ op ``stssa::_attention3d_cpu`` (csrc/cpu/attention3d_math.cpp: C++ autograd, the same ATen calls in
-the same order, so its results equal the registered op's bit for bit). Without a backward to follow,
+``torch.autograd.Function``. Without a backward to follow,
 the eager path may also pick a different rule (``Rule.grad``).
 
 Dispatch is data (``DISPATCH``): the first rule matching (device, arch, dtype, axis, sequence length)
@@ -57,7 +55,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _ext  # noqa: F401  (the C++ library defines stssa::_attention3d_cpu)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, to_seq
 from ..triton import attention3d as _tk
 from ._arch import cuda_capability
@@ -596,7 +593,7 @@ if hasattr(torch.library, "register_autocast"):
 # eager fast path
 # ---------------------------------------------------------------------------------------------------
 # See stssa_kernels/ops/_eager.py: plain eager calls run the implementations through one
-# autograd.Function (and small CPU problems through a C++ op) instead of the custom_op's wrappers.
+# autograd.Function instead of the custom_op's wrappers.
 
 
 class _Attention3dFunction(torch.autograd.Function):
@@ -613,32 +610,18 @@ class _Attention3dFunction(torch.autograd.Function):
         return (*_grads(ctx, grad_out, eager=True), None, None, None, None)
 
 
-@torch.library.register_fake("stssa::_attention3d_cpu")
-def _attention3d_cpu_fake(q, k, v, axis, heads, scale, residual, gamma):
-    return torch.empty_like(v)
-
-
-_ATTENTION3D_CPU = torch.ops.stssa._attention3d_cpu.default
-
-
 @functools.lru_cache(maxsize=1024)
 def _eager_plan(device: str, cc: int, dtype: torch.dtype, shape: tuple, dv: int, axis: str, heads: int,
-                grad: bool, interpret: bool) -> tuple[Choice, bool]:
-    """(dispatch choice, whether the C++ CPU op runs it) for an eager call: one cached lookup per call
-    instead of recomputing the sequence geometry (measured ~15 us per call in Python)."""
+                grad: bool, interpret: bool) -> Choice:
+    """The dispatch choice for an eager call: one cached lookup per call instead of recomputing the
+    sequence geometry (measured ~15 us per call in Python)."""
     nseq, L = _tk.seq_count_and_length(shape, axis)
-    c = select_for(device, cc, dtype, axis, L, shape[1] // heads, dv // heads, interpret, nseq * heads * L * L, grad)
-    # the C++ CPU op (csrc/cpu/attention3d_math.cpp) covers the math path's one-block, P-kept regime
-    cpp = (c.impl == "torch_math" and device == "cpu" and nseq * L * dv * shape[1] > 0
-           and _math_keeps_p(nseq, heads, L) and _math_step(nseq, heads, L) is None)
-    return c, cpp
+    return select_for(device, cc, dtype, axis, L, shape[1] // heads, dv // heads, interpret, nseq * heads * L * L, grad)
 
 
 def _attention3d_eager(q, k, v, axis, heads, scale, residual, gamma) -> Tensor:
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, residual, gamma))
-    c, cpp = _eager_plan(q.device.type, _cc(q.device), q.dtype, q.shape, v.shape[1], axis, heads, grad, _interpret())
-    if cpp:
-        return _ATTENTION3D_CPU(q, k, v, axis, heads, scale, residual, gamma)
+    c = _eager_plan(q.device.type, _cc(q.device), q.dtype, q.shape, v.shape[1], axis, heads, grad, _interpret())
     if not grad:
         return _forward_impl(c, q, k, v, axis, heads, scale, residual, gamma)[0]
     return _Attention3dFunction.apply(q, k, v, residual, gamma, axis, heads, scale, c)
