@@ -339,7 +339,7 @@ def _video_ids(seed: int, n: int) -> list[str]:
 
 def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, height: int = 96, width: int = 128,
                  val_fraction: float = 0.3, jpeg_quality: int = 90, overwrite: bool = False,
-                 verbose: bool = False) -> dict[str, str]:
+                 verbose: bool = False, videos_format: str | None = None) -> dict[str, str]:
     """Write the synthetic dataset (layout and content in the module docstring).
 
     Args:
@@ -352,6 +352,9 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         jpeg_quality: Pillow JPEG quality.
         overwrite: replace an existing ``frames/`` folder under ``out_dir`` (else refuse, so that stale frames
             of another configuration cannot be read as part of these videos).
+        videos_format: ``"mp4"`` also writes each video as ``videos/{video_id}.mp4`` (H.264, the same frames at
+            30 fps, presented from second 900 as the frames are numbered, so ``python -m stssa.data.frames``
+            with its AVA defaults gives the frame folders back; :mod:`stssa.data.video`).
 
     Returns:
         ``{"root", "frames", "train_csv", "val_csv", "excluded_csv", "labelmap" (80 classes),
@@ -368,6 +371,10 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         raise ValueError(f"make_dataset: frames must be at least 16x16, got {height}x{width}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"make_dataset: val_fraction must lie in (0, 1), got {val_fraction}")
+    if videos_format not in (None, "mp4"):
+        raise ValueError(f"make_dataset: videos_format must be None or 'mp4', got {videos_format!r}")
+    if videos_format and (height % 2 or width % 2):
+        raise ValueError(f"make_dataset: MP4 videos need an even height and width, got {height}x{width}")
     out = Path(out_dir)
     frames_dir, ann = out / "frames", out / "annotations"
     if frames_dir.exists() and any(frames_dir.iterdir()):
@@ -377,6 +384,9 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         shutil.rmtree(frames_dir)
     frames_dir.mkdir(parents=True, exist_ok=True)
     ann.mkdir(parents=True, exist_ok=True)
+    if videos_format:
+        shutil.rmtree(out / "videos", ignore_errors=True)  # frames/ was empty or replaced: so are the videos
+        (out / "videos").mkdir()
     paths = {
         "root": out, "frames": frames_dir,
         "train_csv": ann / "ava_train_v2.2.csv", "val_csv": ann / "ava_val_v2.2.csv",
@@ -389,6 +399,8 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         "val_proposals_csv": ann / "ava_val_predicted_boxes.csv",
         "info": out / "synthetic_info.json",
     }
+    if videos_format:
+        paths["videos"] = out / "videos"
     n_val = max(1, int(round(videos * val_fraction)))
     ids = _video_ids(seed, videos)
     split_of = {v: ("val" if i >= videos - n_val else "train") for i, v in enumerate(ids)}
@@ -401,8 +413,16 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         sim = simulate_video(rng, seconds, height, width)
         vdir = frames_dir / vid
         vdir.mkdir()
+        writer = None
+        if videos_format:
+            from stssa.data.video import VideoWriter
+            writer = VideoWriter(out / "videos" / f"{vid}.{videos_format}", FPS, start_time=VIDEO_START_SEC)
         for f, frame in enumerate(render_video(sim, rng, height, width)):
             Image.fromarray(frame).save(vdir / f"{vid}_{f + 1:06d}.jpg", format="JPEG", quality=jpeg_quality)
+            if writer is not None:
+                writer.write(frame)
+        if writer is not None:
+            writer.close()
         split = split_of[vid]
         for k in range(seconds):
             ts = FIRST_KEYFRAME_SEC + k
@@ -467,11 +487,13 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--overwrite", action="store_true", help="replace an existing frames/ folder")
+    p.add_argument("--videos-format", choices=["mp4"], default=None,
+                   help="also write each video as videos/{video_id}.mp4")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
     paths = make_dataset(a.out, videos=a.videos, seconds=a.seconds, seed=a.seed, height=a.height, width=a.width,
-                         overwrite=a.overwrite, verbose=not a.quiet)
+                         overwrite=a.overwrite, verbose=not a.quiet, videos_format=a.videos_format)
     info = json.loads(Path(paths["info"]).read_text())
     print(f"wrote {a.videos} videos x {a.seconds} keyframes ({info['frames_per_video']} frames each, "
           f"{a.height}x{a.width}) to {a.out} in {time.time() - t0:.1f}s")
