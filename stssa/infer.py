@@ -236,18 +236,18 @@ class TorchvisionPersonDetector:
             raise PersonDetectorUnavailable(f"detector weights {path}: cannot read: {e}") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
-        errors = []
-        for builder, _ in _TV_WEIGHTS:
-            model = getattr(det, builder)(weights=None, weights_backbone=None, num_classes=91,
-                                          box_score_thresh=threshold, min_size=min_size)
-            try:
-                model.load_state_dict(state)
-                break
-            except RuntimeError as e:
-                errors.append(f"{builder}: {str(e).splitlines()[0]}")
-        else:
-            raise PersonDetectorUnavailable(f"detector weights {path} fit neither torchvision COCO Faster R-CNN "
-                                            f"({'; '.join(errors)})")
+        if not isinstance(state, dict):
+            raise PersonDetectorUnavailable(f"detector weights {path}: expected a state dict, got "
+                                            f"{type(state).__name__}")
+        # v1 has a single RPN conv, v2 a conv + norm block: the keys tell which model the file is for.
+        builder = _TV_WEIGHTS[1][0] if "rpn.head.conv.weight" in state else _TV_WEIGHTS[0][0]
+        model = getattr(det, builder)(weights=None, weights_backbone=None, num_classes=91,
+                                      box_score_thresh=threshold, min_size=min_size)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise PersonDetectorUnavailable(f"detector weights {path} do not fit torchvision's {builder} (COCO): "
+                                            f"{str(e).splitlines()[0]}") from None
         self.arch, self.path, self.threshold = builder, path, float(threshold)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

@@ -70,17 +70,24 @@ def draw_detections(image: np.ndarray, boxes, captions: Sequence[Sequence[str]],
     fs = font_size or max(10, round(min(h, w) / 28))
     font = _font(fs)
     colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
-    for box, lines, color in zip(boxes, captions, colors):
-        x1, y1, x2, y2 = (float(v) for v in np.clip(box, 0, 1) * [w, h, w, h])
+    px = [tuple(float(v) for v in np.clip(b, 0, 1) * [w, h, w, h]) for b in boxes]
+    for (x1, y1, x2, y2), color in zip(px, colors):  # all boxes first: captions go on top of them
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=tuple(color), width=lw)
+    placed: list[tuple[float, float, float, float]] = []
+    for (x1, y1, x2, y2), lines, color in zip(px, captions, colors):
         if not lines:
             continue
         sizes = [draw.textbbox((0, 0), s, font=font) for s in lines]
         line_h = max(b[3] - b[1] for b in sizes) + 2
         band_w = max(b[2] - b[0] for b in sizes) + 4
         band_h = line_h * len(lines) + 2
-        top = y1 - band_h if y1 - band_h >= 0 else y1
         left = min(max(0.0, x1), max(0.0, w - band_w))
+        # Above the box, else inside its top, else below it: the first place free of earlier captions.
+        tops = [t for t in (y1 - band_h, y1, y2) if 0 <= t <= h - band_h] or [max(0.0, min(y1, h - band_h))]
+        free = [t for t in tops if not any(left < r[2] and r[0] < left + band_w and t < r[3] and r[1] < t + band_h
+                                           for r in placed)]
+        top = (free or tops)[0]
+        placed.append((left, top, left + band_w, top + band_h))
         draw.rectangle([left, top, left + band_w, top + band_h], fill=tuple(color))
         # Black or white text, whichever contrasts with the band.
         ink = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 140 else (255, 255, 255)
