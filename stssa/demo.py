@@ -8,6 +8,8 @@
 3. Evaluates both on the val split (proposals, official frame-mAP protocol), next to chance: the same
    proposals with uniformly random scores (mean over 5 draws).
 4. Prints the frame-mAP table and writes it to ``runs/demo/results.json`` (device, threads, timings, commit).
+5. Writes ``runs/demo/keyframes.png`` (a few val keyframes: the STSSA head's top actions beside the ground
+   truth) and ``runs/demo/per_class_ap.png`` (:func:`stssa.visualize.demo_pictures`).
 
 ``--epochs`` and ``--set`` override the configs (e.g. ``--set model.use_fused=false`` runs the
 plain-PyTorch reference path).
@@ -132,6 +134,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\n[demo] wrote {out / 'results.json'}")
+    if rows:  # pictures: a few val keyframes (top actions beside the ground truth) and per-class AP
+        from stssa.visualize import demo_pictures
+        pics = demo_pictures(data, out, results)
+        print(f"[demo] wrote {pics['keyframes']} and {pics['per_class_ap']}")
     return 0
 
 

@@ -239,8 +239,9 @@ class TorchvisionPersonDetector:
         if not isinstance(state, dict):
             raise PersonDetectorUnavailable(f"detector weights {path}: expected a state dict, got "
                                             f"{type(state).__name__}")
-        # v1 has a single RPN conv, v2 a conv + norm block: the keys tell which model the file is for.
-        builder = _TV_WEIGHTS[1][0] if "rpn.head.conv.weight" in state else _TV_WEIGHTS[0][0]
+        # v2's RPN head has two convs (v1 one, saved as rpn.head.conv.weight in the COCO file, or
+        # rpn.head.conv.0.0.weight by newer torchvision): the keys tell which model the file is for.
+        builder = _TV_WEIGHTS[0][0] if "rpn.head.conv.1.0.weight" in state else _TV_WEIGHTS[1][0]
         model = getattr(det, builder)(weights=None, weights_backbone=None, num_classes=91,
                                       box_score_thresh=threshold, min_size=min_size)
         try:
