@@ -155,7 +155,8 @@ def keyframe_figure(frames_root, detections, groundtruth, out_png, labelmap=None
                     num_keyframes: int = 4, topk: int = 3, title: Optional[str] = None,
                     model_name: str = "model", fps: int = 30, video_start_sec: int = 900) -> list[tuple[str, int]]:
     """A PNG of a few keyframes: each ground-truth person's box and actions beside the top-``topk`` actions
-    predicted for the proposal that overlaps it most (IoU >= 0.5, dashed box).
+    predicted for the proposal that overlaps it most (IoU >= 0.5, dashed box); a tick marks a predicted action
+    that is in the ground truth.
 
     Args:
         frames_root: AVA frame folders (``{video_id}/{video_id}_{n:06d}.jpg``).
@@ -223,7 +224,8 @@ def keyframe_figure(frames_root, detections, groundtruth, out_png, labelmap=None
                 bx1, by1, bx2, by2 = best[0]
                 ax.add_patch(Rectangle((bx1 * w - 0.5, by1 * h - 0.5), (bx2 - bx1) * w, (by2 - by1) * h,
                                        fill=False, edgecolor=color, linewidth=1, linestyle="--"))
-                pred_text = ", ".join(f"{n} {s:.2f}" for a, n, s in top_actions(best[1], topk, names))
+                pred_text = ", ".join(f"{n} {s:.2f}" + (" \u2713" if a in person.labels else "")
+                                      for a, n, s in top_actions(best[1], topk, names))
             lines.append((color, f"person {p + 1}  truth: {gt_text}\n      {model_name}: {pred_text}"))
         y = 0.98
         for color, text in lines:

@@ -108,6 +108,17 @@ def test_millisecond_timestamps_and_variable_rate(tmp_path):
     assert got == want
 
 
+def test_a_long_hole_in_the_timestamps_is_an_error(tmp_path):
+    # What FFmpeg gives for a stretch of undecodable data: frames stop, and resume seconds later.
+    p = tmp_path / "hole.mkv"
+    write_with_pts(p, [Fraction(i, 10) for i in range(10)] + [4 + Fraction(i, 10) for i in range(10)])
+    with pytest.raises(VideoReadError, match=r"hole.mkv: no decodable frame between 0.900 s and 4.000 s"):
+        list(resampled_frames(p, 30))
+    # The last frame (4.9 s) lasts one frame of the stream's 30 fps: output frames at i/30 < 4.9 + 1/30.
+    assert len(list(resampled_frames(p, 30, max_gap=None))) == 148
+    assert len(list(resampled_frames(p, 30, start=4))) == 28  # the hole is outside the range asked for
+
+
 def test_seek_gives_the_frames_of_a_full_decode(tmp_path):
     p = tmp_path / "long.mp4"
     write_with_pts(p, [Fraction(i, 25) for i in range(250)], time_base=Fraction(1, 25), gop=12)
@@ -163,19 +174,35 @@ def test_frames_cli_layout_numbering_and_errors(tmp_path, v25, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
     os.link(v25, videos / "good.mp4")
-    (videos / "broken.mkv").write_bytes(b"\x1aE\xdf\xa3 truncated matroska" * 50)
+    (videos / "garbage.mkv").write_bytes(b"\x1aE\xdf\xa3 not matroska" * 50)
+    write_with_pts(tmp_path / "whole.mkv", [10 + Fraction(i, 25) for i in range(300)], gop=25)  # 10 .. 22 s
+    data = (tmp_path / "whole.mkv").read_bytes()
+    (videos / "truncated.mkv").write_bytes(data[: len(data) // 2])  # a broken download
+    (videos / "holed.mkv").write_bytes(data[: len(data) // 3] + b"\xff" * (len(data) // 3)
+                                       + data[2 * len(data) // 3:])  # seconds of undecodable data
     (videos / "notes.txt").write_text("not a video")  # other files are ignored
     out = tmp_path / "frames"
-    rc = frames_main(["--videos", str(videos), "--out", str(out), "--start", "11", "--end", "13", "--quiet"])
+    rc = frames_main(["--videos", str(videos), "--out", str(out), "--start", "11", "--end", "none", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1
     lines = [s for s in err.splitlines() if s.startswith("error:")]
-    assert len(lines) == 1 and "broken.mkv" in lines[0]
+    assert len(lines) == 3, err
+    assert "garbage.mkv: cannot open" in lines[0]
+    assert "holed.mkv: " in lines[1] and ("decoding failed" in lines[1] or "no decodable frame" in lines[1])
+    assert "truncated.mkv: decoding stopped" in lines[2]
+    assert not (out / "holed" / ".frames.json").exists() or \
+        not json.loads((out / "holed" / ".frames.json").read_text())["complete"]
+    # --end 13: the good video's numbering.
+    assert count_frames(out, "good") == 90  # 11 .. 14 s
+    out = tmp_path / "frames13"
+    rc = frames_main(["--videos", str(videos / "good.mp4"), "--out", str(out), "--start", "11", "--end", "13",
+                      "--quiet"])
+    assert rc == 0
     # The good video is complete: files 000001.. from second 11, source frame floor((11 + (n-1)/30 - 10) * 25).
     assert _codes(out, "good") == [int((11 + Fraction(i, 30) - 10) * 25) for i in range(60)]
     assert (out / "good" / "good_000001.jpg").exists() and not (out / "good" / "good_000061.jpg").exists()
     assert json.loads((out / "good" / ".frames.json").read_text())["complete"] is True
-    assert not (out / "broken").exists() or count_frames(out, "broken") == 0
+    assert not (out / "garbage").exists() or count_frames(out, "garbage") == 0
     # Bad arguments: exit 2.
     with pytest.raises(SystemExit) as e:
         frames_main(["--videos", str(videos), "--out", str(out), "--fps", "0"])

@@ -145,6 +145,8 @@ def extract_video(path, out_root, fps=30, start=900, end=1800, short_side: Optio
 
     written, n = 0, first
     pending = 0
+    if progress is not None and first:
+        progress(first)  # frames kept from the interrupted run
     for n, _, frame in resampled_frames(path, fps, start, end, short_side=short_side, first_index=first):
         _save_jpeg(frame, Path(frame_path(out_root, vid, n)), quality)
         written += 1

@@ -137,8 +137,8 @@ def output_size(height: int, width: int, short_side: Optional[int]) -> tuple[int
 
 
 def resampled_frames(path, fps, start=None, end=None, *, short_side: Optional[int] = None,
-                     size: Optional[tuple[int, int]] = None, first_index: int = 0,
-                     seek: bool = True) -> Iterator[tuple[int, Fraction, np.ndarray]]:
+                     size: Optional[tuple[int, int]] = None, first_index: int = 0, seek: bool = True,
+                     max_gap=1) -> Iterator[tuple[int, Fraction, np.ndarray]]:
     """Decode ``path`` resampled to exactly ``fps`` frames per second of presentation time.
 
     Args:
@@ -151,14 +151,17 @@ def resampled_frames(path, fps, start=None, end=None, *, short_side: Optional[in
             ``size = (h, w)``; area averaging when shrinking, bicubic when enlarging (FFmpeg's swscale).
         first_index: start at output frame ``first_index`` (to resume); the decoder seeks close to it.
         seek: allow seeking to the key frame before ``start`` instead of decoding from the beginning.
+        max_gap: seconds between two decoded frames (inside the requested range) beyond which the file is
+            taken as corrupt: FFmpeg skips undecodable data and resumes at the next key frame, which would
+            otherwise show as the last good frame frozen for the whole gap. ``None`` allows any gap.
 
     Yields:
         ``(i, t, frame)``: output index ``i = first_index, first_index + 1, ...``, its time
         ``t = start + i / fps`` (``Fraction``, seconds) and ``uint8 ndarray[H, W, 3]`` RGB.
 
     Raises:
-        VideoReadError: the file cannot be opened or decoded, or its first frame comes more than a second
-            after ``start`` (naming the file).
+        VideoReadError: the file cannot be opened or decoded, its first frame comes more than a second
+            after ``start``, or frames are missing for more than ``max_gap`` (naming the file).
     """
     fps = as_fraction(fps)
     if fps <= 0:
@@ -180,6 +183,7 @@ def resampled_frames(path, fps, start=None, end=None, *, short_side: Optional[in
         oh = ow = None
     start_f = None if start is None else as_fraction(start)
     end_f = None if end is None else as_fraction(end)
+    gap_f = None if max_gap is None else as_fraction(max_gap)
     tol = TIME_TOLERANCE
 
     def convert(frame) -> np.ndarray:
@@ -219,13 +223,17 @@ def resampled_frames(path, fps, start=None, end=None, *, short_side: Optional[in
                     # The seek overshot (some demuxers land after the key frame asked for): decode from 0.
                     container.close()
                     yield from resampled_frames(path, fps, start_f, end_f, short_side=short_side, size=size,
-                                                first_index=first_index, seek=False)
+                                                first_index=first_index, seek=False, max_gap=max_gap)
                     return
                 if t > target + MAX_LEADING_GAP:
                     raise VideoReadError(f"{path}: the video's first frame is at {float(t):.3f} s, more than "
                                          f"{float(MAX_LEADING_GAP):g} s after the requested start "
                                          f"{float(target):.3f} s")
             target = start_f + Fraction(n) / fps
+            if gap_f is not None and prev_t is not None and t - prev_t > gap_f and t > target \
+                    and (end_f is None or prev_t < end_f):
+                raise VideoReadError(f"{path}: no decodable frame between {float(prev_t):.3f} s and {float(t):.3f} s "
+                                     f"(corrupt or missing data)")
             # Every output time before this frame's (less the tolerance) shows the previous frame.
             while prev_t is not None and t > target + tol:
                 if end_f is not None and target >= end_f:
