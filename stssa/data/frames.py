@@ -16,7 +16,9 @@ whose folder holds its full frame count is skipped; a partly written one continu
 (with the same parameters; different ones are an error unless ``--overwrite``). A folder of frames made by
 another tool is skipped when it holds the full count ``(end - start) * fps``.
 
-Errors: a corrupt or unreadable video, or one shorter than ``--start``, prints one line
+Errors: a corrupt or unreadable video (including one whose decoding stops well before the end its container
+declares, or that has no decodable frame for more than ``--max-gap`` seconds), or one that ends before
+``--start``, prints one line
 ``error: <file>: <reason>`` and the other videos are still processed; the command exits with status 1 at the
 end if any video failed (2 for bad arguments).
 """
@@ -83,7 +85,7 @@ def _write_marker(vdir: Path, doc: dict) -> None:
 
 
 def extract_video(path, out_root, fps=30, start=900, end=1800, short_side: Optional[int] = None,
-                  quality: int = 95, overwrite: bool = False, progress=None) -> dict:
+                  quality: int = 95, overwrite: bool = False, progress=None, max_gap=1) -> dict:
     """Extract one video's frames (layout, resume and skip rules in the module docstring).
 
     Args:
@@ -94,6 +96,8 @@ def extract_video(path, out_root, fps=30, start=900, end=1800, short_side: Optio
         quality: Pillow JPEG quality.
         overwrite: replace frames written with other parameters.
         progress: optional callable ``progress(n_new_frames)``.
+        max_gap: seconds without a decodable frame taken as corruption (``None``: no limit); see
+            :func:`stssa.data.video.resampled_frames`.
 
     Returns:
         ``{"video_id", "status": "done" | "skipped", "frames": count, "written": frames written now}``.
@@ -147,7 +151,8 @@ def extract_video(path, out_root, fps=30, start=900, end=1800, short_side: Optio
     pending = 0
     if progress is not None and first:
         progress(first)  # frames kept from the interrupted run
-    for n, _, frame in resampled_frames(path, fps, start, end, short_side=short_side, first_index=first):
+    for n, _, frame in resampled_frames(path, fps, start, end, short_side=short_side, first_index=first,
+                                        max_gap=max_gap):
         _save_jpeg(frame, Path(frame_path(out_root, vid, n)), quality)
         written += 1
         pending += 1
@@ -197,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--workers", type=int, default=1, help="videos decoded in parallel (processes)")
     p.add_argument("--overwrite", action="store_true", help="replace frames extracted with other parameters")
+    p.add_argument("--max-gap", type=float, default=1.0,
+                   help="seconds without a decodable frame that make a video corrupt (default 1; 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     end = None if a.end.lower() == "none" else Fraction(a.end)
@@ -215,7 +222,7 @@ def main(argv=None) -> int:
 
     from stssa.data.video import VideoReadError, probe_video
     kwargs = {"out_root": a.out, "fps": a.fps, "start": a.start, "end": end, "short_side": a.short_side,
-              "quality": a.quality, "overwrite": a.overwrite}
+              "quality": a.quality, "overwrite": a.overwrite, "max_gap": a.max_gap or None}
     failed: list[str] = []
     stems: dict[str, Path] = {}
     todo, total = [], 0
