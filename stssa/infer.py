@@ -483,7 +483,7 @@ def render_outputs(video, video_id: str, keyframes: list[dict], out_dir, fps, ev
                 scale = vis_scale(frame.shape[0], frame.shape[1], min_short_side)
                 if write_video:
                     video_path = out_dir / f"{video_id}_annotated.mp4"
-                    writer = VideoWriter(video_path, fps, start_time=t)
+                    writer = VideoWriter(video_path, fps, start_time=t, crf=20, preset="veryfast")
             # The nearest keyframe (the later one on a tie), if within half the keyframe spacing.
             j = np.searchsorted(kf_index, i)
             near = [kf_index[m] for m in (j - 1, j) if 0 <= m < len(kf_index)]

@@ -271,10 +271,10 @@ class VideoWriter:
     ``close()`` (or use it as a context manager). Frame ``i`` is presented at ``start_time + i / fps``
     (``start_time`` is a whole number of frames: the synthetic set's videos start at second 900).
     Width and height must be even (4:2:0 chroma) and equal for every frame. ``crf`` is x264's constant
-    quality (0 lossless, 18 visually lossless, 23 x264's default).
+    quality (0 lossless, 18 visually lossless, 23 x264's default); ``preset`` x264's speed/size trade-off.
     """
 
-    def __init__(self, path, fps, start_time=0.0, crf: int = 18, codec: str = "libx264"):
+    def __init__(self, path, fps, start_time=0.0, crf: int = 18, codec: str = "libx264", preset: str = "medium"):
         av = _av()
         self.path = Path(path)
         self.fps = as_fraction(fps)
@@ -284,7 +284,7 @@ class VideoWriter:
         if start_frames.denominator != 1 or start_frames < 0:
             raise ValueError(f"VideoWriter: start_time {start_time} is not a whole number of frames at {fps} fps")
         self._next_pts = int(start_frames)
-        self.crf, self.codec = int(crf), codec
+        self.crf, self.codec, self.preset = int(crf), codec, preset
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(os.fspath(self.path), "w")
         self._stream = None
@@ -299,7 +299,7 @@ class VideoWriter:
         s.time_base = Fraction(1) / self.fps if self.fps.denominator == 1 else Fraction(self.fps.denominator,
                                                                                         self.fps.numerator)
         if self.codec == "libx264":
-            s.options = {"crf": str(self.crf), "preset": "medium"}
+            s.options = {"crf": str(self.crf), "preset": self.preset}
         self._stream = s
 
     def write(self, frame: np.ndarray) -> None:
