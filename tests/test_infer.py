@@ -135,6 +135,13 @@ def test_pictures_of_the_demo_kind(pipeline):
     runs["b"] = dict(runs["a"], frame_mAP=0.1)
     plot_per_class_comparison(runs, run / "ap.png", chance=0.05)
     assert Image.open(run / "ap.png").size[0] > 300
+    # The demo's last step, on the demo's folder layout (run_root/<head>/detections_epoch<E>.csv).
+    from stssa.visualize import demo_pictures
+    demo = pipeline["tmp"] / "demo"
+    (demo / "stssa").mkdir(parents=True)
+    (demo / "stssa" / "detections_epoch2.csv").write_bytes((run / "detections_epoch2.csv").read_bytes())
+    pics = demo_pictures(p["root"], demo, {"stssa": runs["a"], "chance": {"frame_mAP": 0.05}})
+    assert all(Path(q).stat().st_size > 10_000 for q in pics.values())
 
 
 def test_draw_detections_changes_only_the_boxes():

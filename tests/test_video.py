@@ -275,3 +275,7 @@ def test_synthetic_mp4s_give_the_frame_folders_back(tmp_path):
             assert min(d, key=d.get) == i and d[i] < 8, d
     with pytest.raises(ValueError, match="even"):
         make_dataset(tmp_path / "odd", videos=2, seconds=1, height=47, width=64, videos_format="mp4")
+    from stssa.data.synthetic import main as synthetic_main
+    assert synthetic_main(["--out", str(tmp_path / "cli"), "--videos", "2", "--seconds", "1", "--height", "32",
+                           "--width", "48", "--videos-format", "mp4", "--quiet"]) == 0
+    assert len(list((tmp_path / "cli" / "videos").glob("*.mp4"))) == 2
