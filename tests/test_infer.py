@@ -8,7 +8,6 @@ and per-video errors are checked on their own."""
 from __future__ import annotations
 
 import json
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,14 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("av")
-
-from stssa.data.ava import AVA_MEAN, AVA_STD, clip_frame_indices  # noqa: E402
-from stssa.data.video import probe_video, resampled_frames, write_video  # noqa: E402
-from stssa.infer import (PersonDetectorUnavailable, TorchvisionPersonDetector, find_detector_weights,  # noqa: E402
+from stssa.data.ava import AVA_MEAN, AVA_STD, clip_frame_indices
+from stssa.data.video import probe_video, resampled_frames, write_video
+from stssa.infer import (PersonDetectorUnavailable, TorchvisionPersonDetector, find_detector_weights,
                          infer_video, main as infer_main, read_person_boxes)
-from stssa.visualize import draw_detections, keyframe_figure, plot_per_class_comparison, vis_scale  # noqa: E402
-from test_video import code_frame, read_code  # noqa: E402
+from stssa.visualize import draw_detections, keyframe_figure, plot_per_class_comparison, vis_scale
+from test_video import code_frame, read_code
 
 
 @pytest.fixture(autouse=True)

@@ -13,15 +13,14 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import av  # a pinned requirement: without it these tests must fail, not skip
 import numpy as np
 import pytest
 from PIL import Image
 
-av = pytest.importorskip("av")
-
-from stssa.data.ava import count_frames, frame_path  # noqa: E402
-from stssa.data.frames import extract_video, main as frames_main  # noqa: E402
-from stssa.data.video import (VideoReadError, VideoWriter, output_size, probe_video, resampled_frames,  # noqa: E402
+from stssa.data.ava import count_frames, frame_path
+from stssa.data.frames import extract_video, main as frames_main
+from stssa.data.video import (VideoReadError, VideoWriter, output_size, probe_video, resampled_frames,
                               write_video)
 
 REPO = Path(__file__).resolve().parents[1]
