@@ -202,6 +202,14 @@ def test_clips_follow_the_dataset_timeline(tmp_path):
     # A segment with --start/--end clamps to the segment, and --every 0.5 gives half-second keyframes.
     kfs = infer_video(_Recorder(), cfg, video, boxes_for, every=Fraction(1, 2), start=11, end=12.5)
     assert [k["time"] for k in kfs] == [11, Fraction(23, 2), 12]
+    # Detection rows: whole seconds in the AVA form, half seconds with 3 decimals.
+    from stssa.infer import detection_rows, write_rows
+    write_rows(tmp_path / "det.csv", detection_rows("codes", kfs, [12, 14]))
+    assert [r.split(",")[1] for r in (tmp_path / "det.csv").read_text().split()] == \
+        ["11.000", "11.000", "11.500", "11.500", "12.000", "12.000"]
+    write_rows(tmp_path / "det.csv", detection_rows("codes", kfs[::2], [12]))
+    assert (tmp_path / "det.csv").read_text().split() == ["codes,0011,0.100,0.200,0.500,0.900,12,0.5",
+                                                          "codes,0012,0.100,0.200,0.500,0.900,12,0.5"]
     with pytest.raises(ValueError, match="whole number of frames"):
         infer_video(_Recorder(), cfg, video, boxes_for, every=Fraction(1, 7))
 
@@ -245,8 +253,9 @@ def test_person_detector_needs_local_weights(tmp_path, monkeypatch, capsys):
         find_detector_weights(tmp_path / "nope.pth")
     video = tmp_path / "v.mp4"
     write_video(video, (code_frame(i) for i in range(30)), 30)
-    rc = infer_main(["--config", "demo_tiny", "--video", str(video), "--person-detector", "torchvision",
-                     "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        rc = infer_main(["--config", "demo_tiny", "--video", str(video), "--person-detector", "torchvision",
+                         "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "error:" in err and "torch_home" in err and "--detector-weights" in err
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
