@@ -69,12 +69,15 @@ def check_against_float64(op: Callable[..., Tensor], composition: Callable[..., 
     """Forward and the gradient of every (non-None) input of ``op(*inputs)`` against
     ``composition(*inputs)`` in float64, by the 2x rule with ``composition`` in the inputs' own dtypes
     as PyTorch's low-precision baseline. ``names`` label the inputs in failure messages; ``grad_out``
-    defaults to a seeded standard normal. Returns the op's output."""
+    defaults to a seeded standard normal (rounded to the output's dtype, so that the float64 reference
+    sees the values the kernel sees). Returns the op's output."""
     with torch.no_grad():
         shape_probe = composition(*inputs)
     if grad_out is None:
         g = torch.Generator().manual_seed(seed)
         grad_out = torch.randn(shape_probe.shape, generator=g, dtype=torch.float64).to(shape_probe.device)
+    # the same incoming gradient for all three: the one the kernel sees, rounded to its output dtype
+    grad_out = grad_out.to(shape_probe.dtype).double()
     out64, g64 = run_with_grads(composition, [t.double() if t is not None and t.is_floating_point() else t
                                               for t in inputs], grad_out)
     outc, gc = run_with_grads(composition, inputs, grad_out)

@@ -1,15 +1,14 @@
-"""attention3d: CPU path (PyTorch kernels), registration, dispatch table, errors, GPU checks.
+"""attention3d: CPU path (PyTorch kernels), registration, dispatch, autocast, errors, GPU checks.
 
 The Triton kernels themselves are tested on CPU tensors in ``test_attention3d_interpret.py``
 (TRITON_INTERPRET=1, own process) and on a GPU by the ``gpu``-marked tests below.
-
-Tolerance rule: error(op vs float64) <= 2 * error(PyTorch composition in the same dtype vs float64)
-+ a rounding floor of a few ulps of the output's magnitude.
+Numerics: the 2x rule of ``tests/_numerics.py`` against ``attention3d_ref`` in float64.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,95 +16,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import stssa_kernels  # noqa: F401  (registers torch.ops.stssa.*)
+from _numerics import assert_by_rule, check_against_float64, run_with_grads
+from _samples import attention3d_inputs, attention3d_sample_inputs
 from stssa_kernels import Attention3d, SelfAttention3d, attention3d
 from stssa_kernels.ops import attention3d as A
 from stssa_kernels.reference import attention3d_ref
-from stssa_kernels.triton import attention3d as TK
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="CPU-path tests; the interpreter run covers the Triton kernels")
 
 AXES = ("spatial", "temporal", "full")
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
+NAMES = ("q", "k", "v", "residual", "gamma")
+_SAMPLES = list(attention3d_sample_inputs("cpu"))
+_SMALL64 = list(attention3d_sample_inputs("cpu", torch.float64, small=True))
 
 
-def _make(shape_q, dv, dtype, layout="contiguous", epilogue=False, device="cpu", seed=0, logit_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    B, Dk, T, H, W = shape_q
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64)
-
-    q, k, v = rnd(B, Dk, T, H, W) * logit_scale, rnd(B, Dk, T, H, W), rnd(B, dv, T, H, W)
-    r = rnd(B, dv, T, H, W) if epilogue else None
-    gm = torch.tensor(0.75, dtype=torch.float64) if epilogue else None
-
-    def lay(x):
-        x = x.to(device=device, dtype=dtype)
-        if layout == "channels_last":
-            return x.contiguous(memory_format=torch.channels_last_3d)
-        if layout == "strided":  # a slice of a wider map: no stride chain, nothing mergeable
-            big = torch.zeros(x.shape[0], x.shape[1] + 2, x.shape[2], x.shape[3] + 1, x.shape[4] + 3,
-                              dtype=dtype, device=device)
-            big[:, 1:-1, :, 1:, 2:-1] = x
-            return big[:, 1:-1, :, 1:, 2:-1]
-        return x
-
-    return [lay(t) for t in (q, k, v)], (lay(r) if r is not None else None), (gm.to(device) if gm is not None else None)
+def check(q, k, v, axis, heads=1, scale=None, residual=None, gamma=None, conditioning=1.0):
+    """Forward and backward (q, k, v, residual, gamma) vs float64 by the 2x rule."""
+    return check_against_float64(
+        lambda q, k, v, r, g: attention3d(q, k, v, axis, heads=heads, scale=scale, residual=r, gamma=g),
+        lambda q, k, v, r, g: attention3d_ref(q, k, v, axis, heads, scale, r, g),
+        [q, k, v, residual, gamma], NAMES, conditioning=conditioning)
 
 
-@pytest.fixture
-def cpu_flash():
-    """Route CPU calls that fit the math budget to PyTorch's CPU flash kernel instead (its code path
-    is otherwise only taken by large problems)."""
-    saved = A.DISPATCH
-    A.DISPATCH = tuple(dataclasses.replace(r, max_len=0) if r.impl == "torch_math" and r.device == "cpu"
-                       and r.max_len < 1 << 62 else r for r in saved)
-    A.clear_dispatch_cache()
-    yield
-    A.DISPATCH = saved
-    A.clear_dispatch_cache()
-
-
-def _floor(ref, dtype):
-    return 8 * EPS[dtype] * max(1.0, ref.abs().max().item())
-
-
-def _grads(fn, inputs, go):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    out = fn(*leaves)
-    out.backward(go.to(out.dtype))
-    return out.detach(), [t.grad if t is not None else None for t in leaves]
-
-
-def check_against_float64(q, k, v, axis, heads=1, scale=None, residual=None, gamma=None, op=attention3d,
-                          conditioning=1.0):
-    """Forward and backward (q, k, v, residual, gamma) vs float64, with the 2x-composition rule.
-
-    ``conditioning`` scales the rounding floor for ill-conditioned inputs: with logits of magnitude
-    |s| a rounding of the logits by eps*|s| perturbs the probabilities by the same relative amount."""
-    dtype = q.dtype
-
-    def fused(q, k, v, r, g):
-        return op(q, k, v, axis, heads=heads, scale=scale, residual=r, gamma=g)
-
-    def comp(q, k, v, r, g):
-        return attention3d_ref(q, k, v, axis, heads, scale, r, g)
-
-    inputs = [q, k, v, residual, gamma]
-    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(v.device)
-    out64, g64 = _grads(comp, [t.double() if t is not None else None for t in inputs], go)
-    outc, gc = _grads(comp, inputs, go)
-    outk, gk = _grads(fused, inputs, go)
-    assert outk.dtype == dtype and outk.shape == v.shape
-    pairs = [("out", outk, outc, out64)] + [(n, a, b, c) for n, a, b, c in zip("q k v residual gamma".split(), gk, gc, g64)
-                                            if c is not None]
-    for name, kern, compo, ref in pairs:
-        assert torch.isfinite(kern).all(), name
-        err = (kern.double() - ref).abs().max().item()
-        base = (compo.double() - ref).abs().max().item()
-        tol = 2 * base + conditioning * _floor(ref, dtype)
-        assert err <= tol, f"{name}: error {err:.3g} > 2 x composition {base:.3g} + floor"
+def _cast(sample, dtype):
+    return [t.to(dtype) if t is not None and t.dim() else t for t in sample.args]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,92 +48,85 @@ def check_against_float64(q, k, v, axis, heads=1, scale=None, residual=None, gam
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("sample", _SAMPLES, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_matches_float64(axis, dtype, layout):
-    # odd sizes, Dk != Dv, 2 heads, residual + gamma on one layout
-    (q, k, v), r, g = _make((2, 6, 3, 5, 7), 10, dtype, layout, epilogue=layout == "channels_last")
-    check_against_float64(q, k, v, axis, heads=2, residual=r, gamma=g)
+def test_matches_float64(sample, dtype):
+    q, k, v, r, g = _cast(sample, dtype)
+    check(q, k, v, residual=r, gamma=g, **sample.kwargs)
 
 
 @pytest.mark.parametrize("axis", AXES)
-def test_equal_head_dims_flash_cpu(axis, cpu_flash):
-    # Dk == Dv and scores over the CPU math budget run PyTorch's fused CPU flash kernel
-    (q, k, v), r, g = _make((2, 8, 3, 9, 9), 8, torch.float32, epilogue=True)
-    assert A.select(q, k, v, axis, 1).impl == "torch_flash"
-    check_against_float64(q, k, v, axis, residual=r, gamma=g)
+def test_equal_head_dims_flash_cpu(axis):
+    # Dk == Dv runs PyTorch's fused CPU flash kernel where the table sends long sequences
+    q, k, v, r, g = attention3d_inputs((2, 8, 3, 9, 9), 8, epilogue=True)
+    with A.DISPATCH.force("torch_flash"):
+        assert A.select(q, k, v, axis, 1).backend == "torch_flash"
+        check(q, k, v, axis, residual=r, gamma=g)
 
 
 @pytest.mark.parametrize("axis", AXES)
 def test_wide_dv(axis):
-    (q, k, v), _, _ = _make((1, 16, 2, 2, 3), 512, torch.float32)
-    check_against_float64(q, k, v, axis, heads=1)
+    q, k, v, _, _ = attention3d_inputs((1, 16, 2, 2, 3), 512)
+    check(q, k, v, axis)
 
 
-@pytest.mark.parametrize("axis,shape", [("spatial", (2, 4, 3, 1, 1)), ("temporal", (2, 4, 1, 3, 2)),
-                                        ("full", (3, 4, 1, 1, 1))])
-def test_sequence_length_one(axis, shape):
-    (q, k, v), r, g = _make(shape, 6, torch.float32, epilogue=True)
-    out = attention3d(q, k, v, axis, residual=r, gamma=g)
-    torch.testing.assert_close(out, r + g * v)  # softmax over one key is 1
-    check_against_float64(q, k, v, axis, residual=r, gamma=g)
+def test_sequence_length_one_is_the_value():
+    q, k, v, r, g = attention3d_inputs((2, 4, 3, 1, 1), 6, epilogue=True)
+    torch.testing.assert_close(attention3d(q, k, v, "spatial", residual=r, gamma=g), r + g * v)
 
 
 def test_blocked_math_path_bounded_memory(monkeypatch):
-    # Dk != Dv falls back to blocked bmm/softmax/bmm; force several query blocks
+    # force several query blocks of the math path (and the recomputed P in the backward)
     monkeypatch.setattr(A, "_MATH_BLOCK_ELEMS", 64)
-    A.clear_dispatch_cache()
-    try:
-        (q, k, v), r, g = _make((1, 4, 2, 5, 5), 6, torch.float32, epilogue=True)
-        c = A._eager_plan("cpu", A._cc(q.device), q.dtype, q.shape, v.shape[1], "full", 1, True, False)
-        assert c.impl == "torch_math"  # the blocked path
-        check_against_float64(q, k, v, "full", residual=r, gamma=g)
-    finally:
-        A.clear_dispatch_cache()
+    q, k, v, r, g = attention3d_inputs((1, 4, 2, 5, 5), 6, epilogue=True)
+    assert A.select(q, k, v, "full", 1).backend == "torch_math"
+    check(q, k, v, "full", residual=r, gamma=g)
+    check(q, k, v, "full", heads=2, residual=r, gamma=g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_large_logits_are_stable(dtype):
-    (q, k, v), _, _ = _make((1, 8, 2, 3, 4), 8, dtype, logit_scale=300.0)
+    q, k, v, _, _ = attention3d_inputs((1, 8, 2, 3, 4), 8, dtype, logit_scale=300.0)
     out = attention3d(q, k, v, "full", scale=1.0)
     assert torch.isfinite(out).all()
     logits = torch.einsum("bcn,bcm->bnm", q.double().flatten(2), k.double().flatten(2))
     assert logits.abs().max() > 1000  # far beyond exp's fp32/fp16 range without max subtraction
-    check_against_float64(q, k, v, "full", scale=1.0, conditioning=logits.abs().max().item())
+    check(q, k, v, "full", scale=1.0, conditioning=logits.abs().max().item())
 
 
 def test_explicit_scale_and_sagan_unscaled():
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 5, torch.float64)
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 5, torch.float64)
     for s in (1.0, 0.1):
         torch.testing.assert_close(attention3d(q, k, v, "spatial", scale=s), attention3d_ref(q, k, v, "spatial", 1, s))
 
 
-@pytest.mark.parametrize("axis", AXES)
-def test_gradcheck_float64(axis):
-    (q, k, v), r, g = _make((1, 4, 2, 2, 3), 6, torch.float64, epilogue=True)
-    args = [t.requires_grad_() for t in (q, k, v, r, g)]
-    assert torch.autograd.gradcheck(lambda q, k, v, r, g: attention3d(q, k, v, axis, heads=2, residual=r, gamma=g),
-                                    args, fast_mode=True)
+@pytest.mark.parametrize("sample", _SMALL64, ids=repr)
+def test_gradcheck_float64(sample):
+    args = [t.requires_grad_() if t is not None else None for t in sample.args]
+    kw = sample.kwargs
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, r, g: attention3d(q, k, v, kw["axis"], heads=kw["heads"], scale=kw["scale"], residual=r,
+                                          gamma=g), args, fast_mode=True)
 
 
-def test_gradcheck_float64_flash_cpu(cpu_flash):
-    (q, k, v), _, g = _make((1, 4, 3, 5, 5), 4, torch.float64, epilogue=True)
-    assert A.select(q, k, v, "full", 1).impl == "torch_flash"
-    args = [t.requires_grad_() for t in (q, k, v, g)]
-    assert torch.autograd.gradcheck(lambda q, k, v, g: attention3d(q, k, v, "full", gamma=g), args, fast_mode=True)
+def test_gradcheck_float64_flash_cpu():
+    q, k, v, _, g = attention3d_inputs((1, 4, 3, 5, 5), 4, torch.float64, epilogue=True)
+    args = [t.requires_grad_() for t in (q, k, v, g.double())]
+    with A.DISPATCH.force("torch_flash"):
+        assert torch.autograd.gradcheck(lambda q, k, v, g: attention3d(q, k, v, "full", gamma=g), args,
+                                        fast_mode=True)
 
 
-@pytest.mark.parametrize("shape,dv,impl", [((1, 4, 3, 5, 5), 4, "torch_flash"), ((1, 4, 3, 2, 3), 6, "torch_math")])
-def test_float64_is_float64_accurate(shape, dv, impl, request):
+@pytest.mark.parametrize("backend,shape,dv", [("torch_flash", (1, 4, 3, 5, 5), 4), ("torch_math", (1, 4, 3, 2, 3), 6)])
+def test_float64_is_float64_accurate(backend, shape, dv):
     # every statistic (lse, delta, dgamma) of the fp64 path stays in fp64
-    if impl == "torch_flash":
-        request.getfixturevalue("cpu_flash")
-    (q, k, v), r, g = _make(shape, dv, torch.float64, epilogue=True)
-    assert A.select(q, k, v, "full", 1).impl == impl
+    q, k, v, r, g = attention3d_inputs(shape, dv, torch.float64, epilogue=True)
+    g = g.double()
     go = torch.randn(v.shape, dtype=torch.float64)
-    out, grads = _grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g], go)
-    ref, rgrads = _grads(lambda *a: attention3d_ref(*a[:3], "full", 1, None, a[3], a[4]), [q, k, v, r, g], go)
+    with A.DISPATCH.force(backend):
+        out, grads = run_with_grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]),
+                                    [q, k, v, r, g], go)
+    ref, rgrads = run_with_grads(lambda *a: attention3d_ref(*a[:3], "full", 1, None, a[3], a[4]), [q, k, v, r, g], go)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, rgrads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -206,7 +134,7 @@ def test_float64_is_float64_accurate(shape, dv, impl, request):
 
 def test_gamma_zero_still_trains_gamma():
     # SAGAN initialises gamma to 0: the output is the residual, but d out / d gamma = attention
-    (q, k, v), r, _ = _make((1, 4, 2, 3, 3), 4, torch.float32, epilogue=True)
+    q, k, v, r, _ = attention3d_inputs((1, 4, 2, 3, 3), 4, epilogue=True)
     g = torch.zeros((), requires_grad=True)
     out = attention3d(q, k, v, "spatial", residual=r, gamma=g)
     torch.testing.assert_close(out, r)
@@ -216,12 +144,12 @@ def test_gamma_zero_still_trains_gamma():
 
 
 def test_deterministic_backward():
-    (q, k, v), r, g = _make((2, 6, 3, 4, 5), 10, torch.float32, epilogue=True)
+    q, k, v, r, g = attention3d_inputs((2, 6, 3, 4, 5), 10, epilogue=True)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [_grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g],
-                       torch.ones(v.shape, dtype=torch.float64))[1] for _ in range(2)]
+        runs = [run_with_grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g],
+                               torch.ones(v.shape))[1] for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(prev)
     for a, b in zip(*runs):
@@ -229,190 +157,187 @@ def test_deterministic_backward():
 
 
 def test_empty_batch():
-    (q, k, v), r, g = _make((0, 4, 2, 3, 3), 6, torch.float32, epilogue=True)
+    q, k, v, r, g = attention3d_inputs((0, 4, 2, 3, 3), 6, epilogue=True)
     for axis in AXES:
         out = attention3d(q.requires_grad_(), k, v, axis, residual=r, gamma=g)
         assert out.shape == v.shape
         out.sum().backward()
 
 
-def test_zero_key_width_is_uniform_attention():
-    """Dk = 0: every logit is 0, so each query averages the values of its sequence (eager path and
-    registered op alike)."""
-    (_, _, v), _, _ = _make((2, 4, 3, 2, 5), 6, torch.float32)
-    q = torch.empty(2, 0, 3, 2, 5)
-    expect = v.mean(dim=2, keepdim=True).expand_as(v)  # temporal axis: mean over T
-    torch.testing.assert_close(attention3d(q, q, v, "temporal"), expect)
-    torch.testing.assert_close(torch.ops.stssa.attention3d(q, q, v, "temporal", 1, 1.0, None, None)[0], expect)
+@pytest.mark.parametrize("axis", AXES)
+def test_zero_key_width_is_uniform_attention(axis):
+    """Dk = 0: every logit is 0, so each query averages the values of its sequence; values and
+    gradients (v, residual, gamma) against the composition in float64."""
+    _, _, v, r, g = attention3d_inputs((2, 4, 3, 2, 5), 6, torch.float64, epilogue=True)
+    q = torch.empty(2, 0, 3, 2, 5, dtype=torch.float64)
+    dims = {"spatial": (3, 4), "temporal": (2,), "full": (2, 3, 4)}[axis]
+    torch.testing.assert_close(attention3d(q, q, v, axis), v.mean(dim=dims, keepdim=True).expand_as(v))
+    go = torch.randn(v.shape, dtype=torch.float64)
+    out, grads = run_with_grads(lambda v, r, g: attention3d(q, q, v, axis, residual=r, gamma=g), [v, r, g.double()], go)
+    ref, rgrads = run_with_grads(lambda v, r, g: attention3d_ref(q, q, v, axis, 1, None, r, g), [v, r, g.double()], go)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b)
 
 
 def test_output_layout_follows_v():
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float32, "channels_last")
-    out = attention3d(q, k, v, "temporal")
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float32, "strided")
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 6, kind="channels_last")
+    assert attention3d(q, k, v, "temporal").is_contiguous(memory_format=torch.channels_last_3d)
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 6, kind="strided")
     assert attention3d(q, k, v, "temporal").is_contiguous()
 
 
-def test_autocast_cpu_bfloat16():
-    (q, k, v), _, _ = _make((1, 8, 2, 3, 3), 8, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention3d(q, k, v, "spatial")
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), attention3d_ref(q, k, v, "spatial"), atol=3e-2, rtol=3e-2)
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_autocast_cpu_follows_the_autocast_dtype(amp):
+    """Under CPU autocast the op runs in the *current* autocast dtype (fp16 or bf16), like a matmul:
+    the output has that dtype, fp32 leaves get fp32 gradients, and the values meet the 2x rule against
+    the composition run in that dtype."""
+    q, k, v, r, g = attention3d_inputs((1, 8, 2, 3, 3), 8, epilogue=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
+    with torch.autocast("cpu", dtype=amp):
+        out = attention3d(*leaves[:3], "spatial", residual=leaves[3], gamma=g)
+    assert out.dtype == amp
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+    ref64 = attention3d_ref(q.double(), k.double(), v.double(), "spatial", 1, None, r.double(), g.double())
+    lp = attention3d_ref(q.to(amp), k.to(amp), v.to(amp), "spatial", 1, None, r.to(amp), g)
+    assert_by_rule(out.detach(), ref64, lp, "autocast out")
+    with torch.autocast("cpu", dtype=amp):  # float64 is left alone, as autocast does for matmul
+        assert attention3d(q.double(), k.double(), v.double(), "spatial").dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------
-# registration: opcheck, torch.compile, modules
+# registration: one path, opcheck, torch.compile, modules
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["flash_cpu", "math_epilogue_channels_last"])
-def test_opcheck(case, request):
-    if case == "flash_cpu":  # Dk == Dv, no epilogue; the head-dim copies are saved for the backward
-        request.getfixturevalue("cpu_flash")
-        (q, k, v), r, g = _make((1, 8, 1, 9, 8), 8, torch.float32)
-        axis, heads = "spatial", 1
-        assert A.select(q, k, v, axis, heads).impl == "torch_flash"
-    else:  # Dk != Dv (bmm path), 2 heads, residual + gamma, sequence copies saved for the backward
-        (q, k, v), r, g = _make((2, 4, 3, 2, 3), 6, torch.float32, "channels_last", epilogue=True)
-        axis, heads = "temporal", 2
-        g = g.float()
-    args = [t.requires_grad_() for t in (q, k, v)]
-    r = r.requires_grad_() if r is not None else None
-    g = g.requires_grad_() if g is not None else None
-    torch.library.opcheck(torch.ops.stssa.attention3d.default, (*args, axis, heads, 0.5, r, g))
-    out, lse, saved = torch.ops.stssa.attention3d(*args, axis, heads, 0.5, r, g)
-    keep_out = A._needs_out(A.select(q, k, v, axis, heads), r is not None or g is not None)
-    o = out.detach() if keep_out else q.new_empty(0)
-    go = torch.randn_like(out)
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the stssa ops a computation dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "stssa":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_execution_path():
+    """Eager forward and backward go through the two registered ops (one autograd.Function connects
+    them), and compiled graphs hold the same two ops."""
+    q, k, v, r, g = attention3d_inputs((1, 4, 2, 3, 3), 6, epilogue=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, r, g)]
+    with _OpLog() as log:
+        attention3d(*leaves[:3], "temporal", residual=leaves[3], gamma=leaves[4]).sum().backward()
+    assert log.ops == ["attention3d", "_attention3d_backward"]
+    with _OpLog() as log, torch.no_grad():
+        attention3d(q, k, v, "temporal")
+    assert log.ops == ["attention3d"]
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    from torch._dynamo.backends.common import aot_autograd
+    f = torch.compile(lambda *a: attention3d(*a[:3], "temporal", residual=a[3], gamma=a[4]).sum(), fullgraph=True,
+                      backend=aot_autograd(fw_compiler=backend, bw_compiler=backend))
+    f(*leaves).backward()
+    assert "stssa.attention3d" in graphs[0] and "stssa._attention3d_backward" in graphs[1]
+
+
+@pytest.mark.parametrize("sample", _SAMPLES[::3], ids=repr)
+def test_opcheck(sample):
+    q, k, v, r, g = sample.args
+    kw = sample.kwargs
+    scale = 0.5
+    torch.library.opcheck(torch.ops.stssa.attention3d.default, (q, k, v, kw["axis"], kw["heads"], scale, r, g))
+    out, lse, saved = torch.ops.stssa.attention3d(q, k, v, kw["axis"], kw["heads"], scale, r, g)
+    o = out if r is None and g is None else q.new_empty(0)
     torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
-                          (go, q.detach(), k.detach(), v.detach(), o, lse, [t.detach() for t in saved], axis, heads,
-                           0.5, g.detach() if g is not None else None))
+                          (torch.randn_like(out), q, k, v, o, lse, saved, kw["axis"], kw["heads"], scale, g))
 
 
-def assert_eager_matches_op(inputs, axis, heads, scale, go):
-    """``attention3d`` (the eager path: one autograd.Function) and ``torch.ops.stssa.attention3d``
-    (the registered custom op) give the same output and gradients, bit for bit."""
-    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
-                   inputs, go)
-    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, heads, scale, a[3], a[4])[0], inputs, go)
-    assert torch.equal(eager[0], op[0])
-    for name, a, b in zip("q k v residual gamma".split(), eager[1], op[1]):
-        assert torch.equal(a, b), name
+def test_opcheck_flash_cpu():
+    q, k, v, _, _ = attention3d_inputs((1, 8, 1, 9, 8), 8)
+    with A.DISPATCH.force("torch_flash"):
+        torch.library.opcheck(torch.ops.stssa.attention3d.default, (q, k, v, "spatial", 1, 0.5, None, None))
+        out, lse, saved = torch.ops.stssa.attention3d(q, k, v, "spatial", 1, 0.5, None, None)
+        torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, saved, "spatial", 1, 0.5, None))
 
 
-@pytest.mark.parametrize("axis", AXES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_eager_path_matches_registered_op(axis, layout):
-    """Plain eager calls skip the custom_op's dispatcher round trips (one autograd.Function over the same
-    implementations); results and gradients must equal the registered op's bit for bit."""
-    (q, k, v), r, g = _make((2, 4, 3, 5, 4), 6, torch.float32, layout, epilogue=True, seed=3)
-    g = g.float()
-    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
-    assert_eager_matches_op([q, k, v, r, g], axis, 2, 2 ** -0.5, go)
-
-
-def test_eager_path_only_where_nothing_else_looks(monkeypatch):
-    """Torch-function modes, autocast and torch.compile must see the registered op (its autocast rule,
-    fake kernel and schema); only plain eager calls take the fast path."""
-    calls = []
-    real = A._attention3d_eager
-    monkeypatch.setattr(A, "_attention3d_eager", lambda *a: calls.append(a[3]) or real(*a))
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 4, torch.float32)
-    expect = attention3d(q, k, v, "spatial")
-    assert len(calls) == 1
-    with torch.device("cpu"):  # a TorchFunctionMode
-        torch.testing.assert_close(attention3d(q, k, v, "spatial"), expect)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention3d(q, k, v, "spatial").dtype == torch.bfloat16  # the op's autocast rule ran
-    compiled = torch.compile(lambda q, k, v: attention3d(q, k, v, "spatial"), fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(q, k, v), expect)
-    assert len(calls) == 1
-
-
-def test_eager_double_backward_is_a_clear_error(request):
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 4, torch.float64)
+def test_double_backward_is_a_clear_error():
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 4, torch.float64)
     q.requires_grad_()
-    # the autograd.Function goes through the registered backward op, whose node names it when the
-    # double backward reaches it
-    (dq,) = torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="_attention3d_backward"):
-        dq.sum().backward()
-
-
-def test_cpu_inference_rule():
-    """Without a backward the CPU flash kernel takes large frames (measured faster there); with one, the
-    bmm path that keeps P. Both agree with float64 by the 2x rule."""
-    (q, k, v), _, _ = _make((2, 8, 2, 14, 14), 8, torch.float32, seed=5)
-    assert A.select(q, k, v, "spatial", 1, grad=False).impl == "torch_flash"
-    assert A.select(q, k, v, "spatial", 1, grad=True).impl == "torch_math"
-    assert A.select(q, k, v, "temporal", 1, grad=False).impl == "torch_math"
-    ref = attention3d_ref(q.double(), k.double(), v.double(), "spatial")
-    with torch.no_grad():
-        out = attention3d(q, k, v, "spatial")
-    base = (attention3d_ref(q, k, v, "spatial").double() - ref).abs().max().item()
-    assert (out.double() - ref).abs().max().item() <= 2 * base + _floor(ref, torch.float32)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(attention3d(q, k, v, "temporal").sum(), q, create_graph=True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 2), heads=st.integers(1, 3), dk=st.integers(1, 5), dv=st.integers(1, 5),
        T=st.integers(1, 5), H=st.integers(1, 6), W=st.integers(1, 6), axis=st.sampled_from(AXES),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), epilogue=st.booleans(),
+       kind=st.sampled_from(["contiguous", "channels_last", "strided"]), epilogue=st.booleans(),
        scale=st.sampled_from([None, 1.0, 0.3]), seed=st.integers(0, 2 ** 16))
-def test_property_float64_and_both_paths(B, heads, dk, dv, T, H, W, axis, layout, epilogue, scale, seed):
+def test_property_float64(B, heads, dk, dv, T, H, W, axis, kind, epilogue, scale, seed):
     """Random shapes, axes, head counts, layouts and epilogues: float64 forward and gradients equal the
-    composition's, and the eager path (the autograd.Function) equals the registered op bit for bit."""
-    (q, k, v), r, g = _make((B, dk * heads, T, H, W), dv * heads, torch.float64, layout, epilogue, seed=seed)
-    inputs = [q, k, v, r, g]
-    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    s = scale if scale is not None else dk ** -0.5
-    eager = _grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
-                   inputs, go)
-    op = _grads(lambda *a: torch.ops.stssa.attention3d(*a[:3], axis, heads, s, a[3], a[4])[0], inputs, go)
-    ref = _grads(lambda *a: attention3d_ref(*a[:3], axis, heads, scale, a[3], a[4]), inputs, go)
-    assert torch.equal(eager[0], op[0])
-    torch.testing.assert_close(eager[0], ref[0], rtol=1e-10, atol=1e-12)
-    for name, a, b, c in zip("q k v residual gamma".split(), eager[1], op[1], ref[1]):
-        if c is None:
-            continue
-        assert torch.equal(a, b), name
-        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11, msg=name)
+    composition's."""
+    inputs = list(attention3d_inputs((B, dk * heads, T, H, W), dv * heads, torch.float64, kind, epilogue, seed=seed))
+    if inputs[4] is not None:
+        inputs[4] = inputs[4].double()
+    go = torch.randn(inputs[2].shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out = run_with_grads(lambda *a: attention3d(*a[:3], axis, heads=heads, scale=scale, residual=a[3], gamma=a[4]),
+                         inputs, go)
+    ref = run_with_grads(lambda *a: attention3d_ref(*a[:3], axis, heads, scale, a[3], a[4]), inputs, go)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-10, atol=1e-12)
+    for name, a, c in zip(NAMES, out[1], ref[1]):
+        if c is not None:
+            torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_torch_compile_fullgraph():
-    (q, k, v), r, g = _make((1, 4, 2, 3, 3), 6, torch.float32, epilogue=True)
-    g = g.float()
+@pytest.mark.parametrize("sample", _SAMPLES[:6], ids=repr)
+def test_torch_compile_fullgraph(sample):
+    kw = sample.kwargs
 
     def f(q, k, v, r, g):
-        return (attention3d(q, k, v, "spatial", heads=2, residual=r, gamma=g) * 2).sum()
+        return (attention3d(q, k, v, kw["axis"], heads=kw["heads"], residual=r, gamma=g) * 2).sum()
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = [t.clone().requires_grad_() for t in (q, k, v, r, g)]
-    b = [t.clone().requires_grad_() for t in (q, k, v, r, g)]
+    a = [t.clone().requires_grad_() if t is not None else None for t in sample.args]
+    b = [t.clone().requires_grad_() if t is not None else None for t in sample.args]
     lc, le = cf(*a), f(*b)
     lc.backward(), le.backward()
     torch.testing.assert_close(lc, le)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad)
+        if x is not None:
+            torch.testing.assert_close(x.grad, y.grad)
 
 
-def test_torch_compile_dynamic_shapes():
-    """Symbolic shapes reach the op's fake kernel and the sequence-view arithmetic (uncached there)."""
+def test_torch_compile_dynamic_shapes_and_autocast():
+    """Symbolic shapes reach the ops' fake kernels and the sequence-view arithmetic (uncached there);
+    autocast inside the compiled function follows its dtype."""
     def f(q, k, v, r, g):
         return attention3d(q, k, v, "temporal", heads=2, residual=r, gamma=g).sum()
 
     cf = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
     for seed, shape in enumerate([(2, 4, 3, 5, 4), (1, 4, 5, 3, 2)]):
-        (q, k, v), r, g = _make(shape, 4, torch.float32, "channels_last", epilogue=True, seed=seed)
-        g = g.float()
-        a = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
-        b = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
+        inputs = attention3d_inputs(shape, 4, kind="channels_last", epilogue=True, seed=seed)
+        a = [t.detach().clone().requires_grad_() for t in inputs]
+        b = [t.detach().clone().requires_grad_() for t in inputs]
         lc, lr = cf(*a), attention3d_ref(*b[:3], "temporal", 2, None, b[3], b[4]).sum()
         lc.backward(), lr.backward()
         torch.testing.assert_close(lc, lr)
         for x, y in zip(a, b):
             torch.testing.assert_close(x.grad, y.grad)
+
+    def h(q, k, v):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return attention3d(q, k, v, "spatial")
+
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 4)
+    assert torch.compile(h, fullgraph=True, backend="aot_eager")(q, k, v).dtype == torch.float16
 
 
 def test_self_attention_module_fused_matches_reference():
@@ -433,64 +358,70 @@ def test_self_attention_module_fused_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------------
-# dispatch table
+# dispatch
 # ---------------------------------------------------------------------------------------------------
 
 
+def _pick(device, cc, dtype, axis, L, dk, dv, interpret=False, scores=None):
+    p = A.Attention3dProblem(device, cc, dtype, interpret, axis, L, dk, dv, L * L if scores is None else scores)
+    return A.DISPATCH.select(p)
+
+
 def test_dispatch_table():
-    f16, f32, f64 = torch.float16, torch.float32, torch.float64
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     big = 8 * 4096 ** 2  # score elements of B=8 sequences of 4096 tokens
-    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, scores=big).impl == "torch_flash"
-    assert A.select_for("cpu", 80, f32, "full", 4096, 16, 64, scores=big).impl == "torch_math"
-    assert A.select_for("cpu", 80, f32, "full", 392, 64, 64, scores=4 * 392 ** 2).impl == "torch_math"
-    assert A.select_for("cpu", 80, f32, "full", 2048, 64, 64, scores=2 * 2048 ** 2).impl == "torch_flash"
-    assert A.select_for("cpu", 80, f32, "spatial", 256, 64, 64, scores=1 << 25).impl == "torch_flash"
-    assert A.select_for("cpu", 80, f32, "temporal", 8, 64, 64, scores=1568 * 64).impl == "torch_math"
-    assert A.select_for("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).impl == "triton"
-    assert A.select_for("cpu", 80, f64, "full", 4096, 64, 64, interpret=True, scores=big).impl == "torch_flash"
-    assert A.select_for("cuda", 90, f64, "full", 4096, 64, 64).impl == "torch_math"
-    # sm_75: long fp16 spatial/full sequences go to the CUTLASS kernel, short ones stay on Triton
-    assert A.select_for("cuda", 75, f16, "full", 4096, 128, 128).impl == "sdpa_efficient"
-    assert A.select_for("cuda", 75, f16, "spatial", 256, 64, 64).impl == "sdpa_efficient"
-    assert A.select_for("cuda", 75, f16, "spatial", 49, 256, 2048).impl == "triton"
-    # the paper head's SSFA (7x7 frames, one head of Dk = 512/2048): packed on every arch and dtype
-    for cc in (75, 80, 90):
+    assert _pick("cpu", 0, f32, "full", 4096, 64, 64, scores=big).backend == "torch_flash"
+    assert _pick("cpu", 0, f32, "full", 4096, 16, 64, scores=big).backend == "torch_math"
+    assert _pick("cpu", 0, f32, "full", 392, 64, 64, scores=4 * 392 ** 2).backend == "torch_math"
+    assert _pick("cpu", 0, f32, "full", 2048, 64, 64, scores=2 * 2048 ** 2).backend == "torch_flash"
+    assert _pick("cpu", 0, f32, "temporal", 8, 64, 64, scores=1568 * 64).backend == "torch_math"
+    assert _pick("cuda", 90, f64, "full", 4096, 64, 64).backend == "torch_math"
+    # sm_75: long fp16 spatial/full sequences at the tested head dim go to the CUTLASS kernel
+    assert _pick("cuda", 75, f16, "spatial", 256, 64, 64).backend == "sdpa_efficient"
+    assert _pick("cuda", 75, f16, "full", 4096, 128, 128).backend != "sdpa_efficient"  # untested head dim
+    # sm_75 bf16: PyTorch math in fp32, never the Triton bf16 code
+    assert _pick("cuda", 75, bf16, "spatial", 49, 64, 512).backend == "torch_math"
+    # every rule says why; the choice prints with its rule
+    assert all(r.why for r in A.DISPATCH.rules)
+    assert "rule" in _pick("cpu", 0, f32, "temporal", 16, 64, 512).describe()
+
+
+@pytest.mark.skipif(A._arch.triton_missing("attention3d") is not None, reason="needs triton")
+def test_dispatch_table_triton():
+    f16, f32, f64 = torch.float16, torch.float32, torch.float64
+    assert _pick("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).backend == "triton"
+    assert _pick("cpu", 80, f64, "full", 4096, 64, 64, interpret=True, scores=8 * 4096 ** 2).backend == "torch_flash"
+    assert _pick("cpu", 80, f32, "temporal", 8, 0, 64, interpret=True).backend == "torch_math"  # Dk = 0
+    assert _pick("cuda", 75, f16, "spatial", 49, 256, 2048).backend == "triton"
+    for cc in (75, 80, 90):  # the paper head's SSFA (7x7 frames, one head of Dk = 2048): packed everywhere
         for dt in (f16, f32):
-            assert A.select_for("cuda", cc, dt, "spatial", 49, 2048, 2048).kernel == "triton-packed"
-    assert A.select_for("cuda", 75, f16, "temporal", 8, 64, 512).kernel == "triton-packed"
-    assert A.select_for("cuda", 75, f16, "full", 4096, 64, 512).impl == "triton"  # Dk != Dv: not SDPA's
-    assert A.select_for("cuda", 75, f32, "full", 4096, 64, 64).impl == "triton"   # fp32: both FFMA
-    # sm_80 / sm_90: Triton everywhere it can; head dims over 256 with long sequences fall back
+            assert _pick("cuda", cc, dt, "spatial", 49, 2048, 2048).plan.kind == "packed"
+    assert _pick("cuda", 75, f16, "full", 4096, 64, 512).backend == "triton"  # Dk != Dv: not SDPA's
+    assert _pick("cuda", 75, f32, "full", 4096, 64, 64).backend == "triton"  # fp32: both FFMA
     for cc in (80, 90):
-        assert A.select_for("cuda", cc, f16, "full", 4096, 128, 128).kernel == "triton-flash"
-        assert A.select_for("cuda", cc, f16, "spatial", 49, 64, 2048).kernel == "triton-packed"
-        assert A.select_for("cuda", cc, f16, "full", 4096, 512, 512).impl == "torch_math"
-    # every rule's note names what it is; the choice prints with its rule
-    assert all(r.note for r in A.DISPATCH)
-    assert "rule" in A.select_for("cuda", 90, f16, "temporal", 16, 64, 512).describe()
+        assert _pick("cuda", cc, f16, "full", 4096, 128, 128).plan.kind == "flash"
+        assert _pick("cuda", cc, f16, "full", 4096, 512, 512).backend == "torch_math"  # head dim past the tiles
 
 
-def test_plan_covers_compile_specs():
-    # every (kernel, tile, dtype) plan() can return is among the compiled specs of that arch
-    for cc in (75, 80, 90):
-        specs = {(s.name, s.config) for s in TK.compile_specs(cc)}
-        names = {n for n, _ in specs}
-        for dt, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-            for L in (1, 7, 8, 32, 49, 64, 65, 784, 4096):
-                for dk in (8, 64, 100, 128, 256):
-                    p = TK.plan(cc, L, dk, 512, dt)
-                    f, b = p.fwd, p.bwd
-                    if p.kind == "packed":
-                        want = [(n, f"{tag} BM={f.block_m} BDK={p.block_dk} BDV={f.block_dv} w{f.num_warps}")
-                                for n in ("attn3d_fwd_packed", "attn3d_bwd_packed")]
-                    else:
-                        fc = f"{tag} BM={f.block_m} BN={f.block_n} BDK={p.block_dk} BDV={f.block_dv} w{f.num_warps}"
-                        bc = f"{tag} BM={b.block_m} BN={b.block_n} BDK={p.block_dk} BDV={b.block_dv} w{b.num_warps}"
-                        want = [("attn3d_fwd_flash", fc), ("attn3d_bwd_dq", bc), ("attn3d_bwd_dkdv", bc + " Dv<=BDV"),
-                                ("attn3d_bwd_dkdv", bc + " wide-Dv")]
-                    for w in want:
-                        assert w in specs, (cc, L, dk, w)
-        assert "attn3d_bwd_delta" in names
+def test_explain_names_each_rule_and_reason():
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 6)
+    text = A.explain(q, k, v, "spatial", verbose=True)
+    assert "rule 0 [triton] skipped: TRITON_INTERPRET=1 is not set" in text
+    assert "declined: needs Dk == Dv" in text  # torch_flash's reason for Dk=4, Dv=6
+    assert "-> rule 1" in text
+
+
+def test_force_a_backend():
+    q, k, v, r, g = attention3d_inputs((1, 4, 2, 3, 3), 4, epilogue=True)
+    with A.DISPATCH.force("torch_flash"):
+        assert A.select(q, k, v, "spatial", 1).backend == "torch_flash"
+        check(q, k, v, "spatial", residual=r, gamma=g)
+    assert A.select(q, k, v, "spatial", 1).backend == "torch_math"
+    q6, k6, v6, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 6)
+    with A.DISPATCH.force("torch_flash"), pytest.raises(RuntimeError, match="forced backend 'torch_flash'.*Dk == Dv"):
+        attention3d(q6, k6, v6, "spatial")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        A.DISPATCH.force("cudnn").__enter__()
 
 
 @pytest.mark.parametrize("axis", ["spatial", "full"])
@@ -501,7 +432,7 @@ def test_sdpa_efficient_plumbing_on_meta_tensors(axis):
     q = torch.empty(2, 64, 4, 16, 16, device=m, dtype=torch.float16)
     v, r, g = torch.empty_like(q), torch.empty_like(q), torch.empty((), device=m)
     out, lse, (attn,) = A._sdpa_forward(q, q, v, axis, 2, 0.1, r, g)
-    assert out.shape == v.shape and attn.shape[1:] == (2, *TK.seq_count_and_length(q.shape, axis)[1:], 32)
+    assert out.shape == v.shape and attn.shape[1:] == (2, A.seq_count_and_length(q.shape, axis)[1], 32)
     grads = A._sdpa_backward(torch.empty_like(out), q, q, v, attn, lse, axis, 2, 0.1, g)
     assert [t.shape for t in grads[:3]] == [q.shape] * 3 and grads[3].shape == ()
 
@@ -511,10 +442,10 @@ def test_sequence_view_rule_agrees_with_view():
     # with what Tensor.view accepts, or the forward's saved copies and the backward's re-views diverge
     from stssa_kernels.reference.attention3d import to_seq
     for shape in [(2, 4, 3, 5, 7), (1, 4, 1, 5, 7), (2, 4, 3, 1, 1), (3, 6, 2, 4, 1)]:
-        big = torch.empty(shape[0], shape[1] + 2, shape[2], shape[3] + 1, shape[4] + 3)
-        layouts = [torch.empty(shape), torch.empty(shape).contiguous(memory_format=torch.channels_last_3d),
+        big = torch.randn(shape[0], shape[1] + 2, shape[2], shape[3] + 1, shape[4] + 3)
+        layouts = [torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last_3d),
                    big[:, 1:-1, :, 1:, 2:-1],
-                   torch.empty(shape[0], shape[2], shape[1], shape[4], shape[3]).permute(0, 2, 1, 4, 3)]
+                   torch.randn(shape[0], shape[2], shape[1], shape[4], shape[3]).permute(0, 2, 1, 4, 3)]
         for x in layouts:
             for axis in AXES:
                 for heads in (1, 2):
@@ -524,21 +455,37 @@ def test_sequence_view_rule_agrees_with_view():
                     except RuntimeError:
                         viewable = False
                     assert (A._seq_view(x, axis, heads, False) is not None) == viewable, (shape, x.stride(), axis)
+                    y = A._seq_view(x, axis, heads, False)
+                    if y is not None:
+                        assert torch.equal(y, to_seq(x, axis, heads))
 
 
-def test_layout_merging():
-    # contiguous spatial tokens (h, w) and channels-last full tokens (t, h, w) collapse to one stride
-    x = torch.empty(2, 8, 3, 4, 5)
-    geo = TK._geometry(x.shape, "spatial", [TK._desc_5d(x, 8)])
-    assert (geo.seq_dims, geo.tok_dims) == (2, 1) and geo.strides[0][5] == 1
-    y = x.contiguous(memory_format=torch.channels_last_3d)
-    geo = TK._geometry(y.shape, "full", [TK._desc_5d(y, 8)])
-    assert geo.tok_dims == 1 and geo.strides[0][5] == 8
-    geo = TK._geometry(y.shape, "temporal", [TK._desc_5d(y, 8)])
-    assert geo.seq_dims == 2 and geo.tok_dims == 1  # (b) and merged (h, w)
-    # a slice breaks the chain: tokens keep two dims
-    z = torch.empty(2, 8, 3, 4, 7)[..., 1:6]
-    assert TK._geometry(z.shape, "spatial", [TK._desc_5d(z, 8)]).tok_dims == 2
+def test_import_without_triton_and_a_clear_error_where_it_is_needed():
+    """A CPU-only torch ships no triton: ``import stssa_kernels`` must not need it and every CPU op runs;
+    a call that the table sends to the Triton kernels says what is missing."""
+    code = r"""
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError, as on a CPU-only torch install
+import torch, stssa_kernels
+assert not any(m.startswith("stssa_kernels.triton") for m in sys.modules), sorted(sys.modules)
+q = torch.randn(1, 4, 2, 3, 3, requires_grad=True)
+stssa_kernels.attention3d(q, q, q, "spatial").sum().backward()
+w = [torch.randn(4, 4, 3, 1, 1, requires_grad=True)]
+sum(o.sum() for o in stssa_kernels.temporal_proj(q, w)).backward()
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    stssa_kernels.attention3d(q.detach(), q.detach(), q.detach(), "spatial")
+except RuntimeError as e:
+    assert "needs triton" in str(e) and "triton" in str(e).split("needs triton")[1], e
+    print("OK", e)
+else:
+    raise SystemExit("no error")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -559,9 +506,10 @@ def test_layout_merging():
     (lambda a: a.update(residual=a["v"][:, :2]), "residual must match v"),
     (lambda a: a.update(gamma=torch.ones(2)), "gamma must be a one-element"),
     (lambda a: a.update(gamma=0.5), "gamma must be a one-element Tensor"),
+    (lambda a: a.update(q="x"), "q must be a Tensor"),
 ])
 def test_bad_inputs_name_the_argument(mutate, match):
-    (q, k, v), _, _ = _make((1, 4, 2, 3, 3), 6, torch.float32)
+    q, k, v, _, _ = attention3d_inputs((1, 4, 2, 3, 3), 6)
     a = dict(q=q, k=k, v=v, axis="spatial", heads=2, scale=None, residual=None, gamma=None)
     mutate(a)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -570,38 +518,45 @@ def test_bad_inputs_name_the_argument(mutate, match):
 
 
 # ---------------------------------------------------------------------------------------------------
-# GPU (skipped without CUDA)
+# GPU (skipped without CUDA: conftest's needs_cuda)
 # ---------------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("sample", list(attention3d_sample_inputs("cpu"))[::2], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_gpu_matches_float64(axis, dtype, layout):
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        pytest.skip("no bf16")
-    (q, k, v), r, g = _make((2, 16, 5, 7, 7), 96, dtype, layout, epilogue=True, device="cuda")
-    check_against_float64(q, k, v, axis, heads=2, residual=r, gamma=g)
+def test_gpu_matches_float64(sample, dtype):
+    q, k, v, r, g = [t.to("cuda", dtype) if t is not None and t.dim() else (t.cuda() if t is not None else None)
+                     for t in sample.args]
+    check(q, k, v, residual=r, gamma=g, **sample.kwargs)
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("shape,dv,axis", [((4, 64, 8, 7, 7), 512, "temporal"), ((2, 64, 8, 7, 7), 512, "spatial"),
                                            ((1, 64, 4, 7, 7), 256, "full"), ((2, 32, 2, 16, 16), 32, "spatial"),
                                            ((1, 8, 1, 1, 1), 8, "full"), ((2, 8, 40, 1, 3), 8, "temporal")])
 def test_gpu_kernel_families(shape, dv, axis):
-    (q, k, v), r, g = _make(shape, dv, torch.float16, epilogue=True, device="cuda")
-    check_against_float64(q, k, v, axis, residual=r, gamma=g)
+    q, k, v, r, g = attention3d_inputs(shape, dv, torch.float16, epilogue=True, device="cuda")
+    check(q, k, v, axis, residual=r, gamma=g)
 
 
 @pytest.mark.gpu
-@gpu
+def test_gpu_autocast_bfloat16():
+    """CUDA bf16 autocast (the AVA configs' ``amp: bf16``) runs the op in bf16, not fp16."""
+    q, k, v, r, g = attention3d_inputs((2, 16, 4, 7, 7), 32, epilogue=True, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attention3d(*leaves[:3], "spatial", residual=leaves[3], gamma=g)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref64 = attention3d_ref(q.double(), k.double(), v.double(), "spatial", 1, None, r.double(), g.double())
+    lp = attention3d_ref(*(t.bfloat16() for t in (q, k, v)), "spatial", 1, None, r.bfloat16(), g)
+    assert_by_rule(out.detach(), ref64, lp, "bf16 autocast out")
+
+
+@pytest.mark.gpu
 def test_gpu_peak_memory_is_inputs_outputs_and_rows():
-    (q, k, v), _, _ = _make((1, 64, 16, 16, 16), 64, torch.float16, device="cuda")  # L = 4096
+    q, k, v, _, _ = attention3d_inputs((1, 64, 16, 16, 16), 64, torch.float16, device="cuda")  # L = 4096
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -616,54 +571,27 @@ def test_gpu_peak_memory_is_inputs_outputs_and_rows():
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_deterministic_backward():
-    (q, k, v), r, g = _make((2, 64, 4, 16, 16), 128, torch.float16, epilogue=True, device="cuda")
-    runs = [_grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g],
-                   torch.ones(v.shape, dtype=torch.float64, device="cuda"))[1] for _ in range(2)]
+    q, k, v, r, g = attention3d_inputs((2, 64, 4, 16, 16), 128, torch.float16, epilogue=True, device="cuda")
+    runs = [run_with_grads(lambda *a: attention3d(*a[:3], "full", residual=a[3], gamma=a[4]), [q, k, v, r, g],
+                           torch.ones(v.shape, device="cuda"))[1] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("axis", AXES)
-def test_gpu_eager_path_matches_registered_op(axis):
-    (q, k, v), r, g = _make((2, 16, 5, 7, 7), 32, torch.float16, "channels_last", epilogue=True, device="cuda")
-    g = g.float()
-    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to("cuda", torch.float16)
-    assert_eager_matches_op([q, k, v, r, g], axis, 2, 0.25, go)
-
-
-@pytest.fixture
-def sdpa_here():
-    """The sm_75 rule (PyTorch's memory-efficient SDPA for long fp16 sequences) applied to this GPU's arch,
-    so that its code path runs on whatever GPU the tests have."""
-    saved = A.DISPATCH
-    fam = TK.arch_family(A._cc(torch.device("cuda")))
-    A.DISPATCH = tuple(dataclasses.replace(r, archs=(fam,)) if r.impl == "sdpa_efficient" else r for r in saved)
-    A.clear_dispatch_cache()
-    yield
-    A.DISPATCH = saved
-    A.clear_dispatch_cache()
-
-
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("axis,shape", [("full", (1, 64, 4, 8, 8)), ("spatial", (2, 64, 2, 16, 16))])
-def test_gpu_sdpa_efficient_rule(sdpa_here, axis, shape):
-    (q, k, v), r, g = _make(shape, 64, torch.float16, epilogue=True, device="cuda")
-    assert A.select(q, k, v, axis, 1).impl == "sdpa_efficient"
-    check_against_float64(q, k, v, axis, residual=r, gamma=g)
+def test_gpu_sdpa_efficient_backend(axis, shape):
+    q, k, v, r, g = attention3d_inputs(shape, 64, torch.float16, epilogue=True, device="cuda")
+    with A.DISPATCH.force("sdpa_efficient"):
+        check(q, k, v, axis, residual=r, gamma=g)
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_torch_compile_and_opcheck():
-    (q, k, v), r, g = _make((1, 32, 4, 7, 7), 64, torch.float16, epilogue=True, device="cuda")
-    g = g.float()
-    args = [t.requires_grad_() for t in (q, k, v, r, g)]
-    torch.library.opcheck(torch.ops.stssa.attention3d.default, (*args[:3], "temporal", 2, 0.25, *args[3:]))
+    q, k, v, r, g = attention3d_inputs((1, 32, 4, 7, 7), 64, torch.float16, epilogue=True, device="cuda")
+    torch.library.opcheck(torch.ops.stssa.attention3d.default, (q, k, v, "temporal", 2, 0.25, r, g))
+    args = [q, k, v, r, g]
 
     def f(q, k, v, r, g):
         return attention3d(q, k, v, "spatial", heads=2, residual=r, gamma=g).float().square().sum()

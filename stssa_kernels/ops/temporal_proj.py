@@ -4,29 +4,29 @@
 for w, b in zip(weights, biases)]`` returns, but reads ``x`` once for all projections (one implicit
 GEMM over channels and temporal taps; see ``stssa_kernels/triton/temporal_proj.py`` for the math).
 
-Layers of the op:
+One execution path: :func:`temporal_proj` validates the Conv3d-style arguments, applies autocast and
+runs two registered ops through one ``torch.autograd.Function`` (the op's only autograd connection):
 
-* ``torch.ops.stssa.temporal_proj(x, weight, bias, out_channels, kernel_sizes) -> Tensor`` works on
-  *packed* operands: ``weight[sum_i kt_i * N_i, C]`` (per projection, per tap, the ``[N_i, C]``
-  matrix ``W_i[:, :, j]``), ``bias[sum N_i]`` or None, and returns the packed output
-  ``Y[B, T, H, W, sum N_i]`` (contiguous). One packed output rather than a ``Tensor[]`` because the
-  projections are column slices of one buffer, and custom-op outputs may not alias each other.
-* ``torch.ops.stssa._temporal_proj_backward`` is the backward as an op of its own (grad of x, of the
-  packed weight and of the packed bias), so torch.compile and opcheck see it.
-* :func:`temporal_proj` (the public function) validates the Conv3d-style arguments, packs the
-  weights (differentiably: autograd unpacks the weight gradient), calls the op and returns per
-  projection a ``[B, C_out_i, T, H, W]`` view of ``Y``. Output layout: channels-last
-  (``[B, T, H, W, C_out]`` memory, channel stride 1, position stride ``sum N_i``): each token's
-  channel vector is contiguous (the K-major operand of ``Q K^T``, loaded with 16-byte vectors) and the
-  (t, h, w) tokens sit at one uniform stride, so ``attention3d`` (which takes any strides) indexes a
-  token with one multiply on every axis. It is the layout the GEMM writes without a transpose; that
-  it is also the one ``attention3d`` reads fastest is not measured yet (no GPU so far).
-* :class:`TemporalProjection` holds the weights like a list of Conv3d.
+* ``torch.ops.stssa.temporal_proj(x, weights, biases) -> Y``: ``weights`` the Conv3d weights
+  ``[N_i, C, kt_i, 1, 1]``, ``biases`` one ``[N_i]`` tensor or None each; ``Y[B, T, H, W, sum N_i]``
+  (contiguous) is the packed output, whose column slice i is projection i. One packed output rather
+  than a ``Tensor[]`` because the projections are column slices of one buffer, and op outputs may not
+  alias each other.
+* ``torch.ops.stssa._temporal_proj_backward(grad_y, x, weights, output_mask) -> (grad_x,
+  grad_weights, grad_bias)``: ``grad_weights`` one per weight, ``grad_bias`` packed ``[sum N_i]``;
+  entries whose ``output_mask`` ([x, weights, biases]) is False come back empty.
 
-Backends (chosen per call by the :data:`DISPATCH` table; the benchmark prints which ran):
+Both are plain ``torch.library`` definitions with CPU/CUDA kernels and fake kernels (one dispatcher
+hop per call; torch.compile traces the autograd.Function and sees the ops as opaque calls). The ops
+take the dispatch decision themselves, so eager, compiled and opcheck calls run the same backend.
+:func:`temporal_proj` returns per projection a ``[B, C_out_i, T, H, W]`` view of ``Y``: channels-last
+(channel stride 1, position stride ``sum N_i``), each token's channel vector contiguous and the
+(t, h, w) tokens at one uniform stride, which ``attention3d`` (any strides) reads in place.
+
+Backends (``DISPATCH``: rules as data, first match; ``explain()``; ``DISPATCH.force(name)``):
 
 * ``"triton"``: the implicit-GEMM Triton kernels (no im2col, no padded taps: each output tile
-  loops over its own projection's taps only).
+  loops over its own projection's taps only). Imported on first use only.
 * ``"gemm"``: the same tap decomposition with torch matmuls (MKL on CPU, cuBLAS on CUDA): on
   time-major copies of x and Y (``[T, B*H*W, C]``) every tap is one 2-D GEMM over all clips -- one for
   the centre tap of every projection at once, one per other tap offset for the projections that have
@@ -34,21 +34,20 @@ Backends (chosen per call by the :data:`DISPATCH` table; the benchmark prints wh
 * ``"conv"``: one cuDNN/oneDNN ``conv3d`` with every weight concatenated and zero-padded to the largest
   kt -- a single library call, at the price of ``max_kt * sum N`` instead of ``sum kt_i N_i`` tap
   GEMMs (1.75x the FLOPs for three 7-tap + three 1-tap projections of equal width).
-* ``"conv_kt"``: one library ``conv3d`` per distinct kernel size (weights of that size concatenated),
-  outputs copied into ``Y``: no padded taps, one extra pass over the output.
+* ``"conv_kt"``: one library ``conv3d`` per distinct kernel size (the weights of that size
+  concatenated), outputs copied into ``Y``: no padded taps, one extra pass over the output.
 
-Gradients: first order (x, every weight, every bias); a double backward is not implemented.
+Gradients: first order (x, every weight, every bias); a double backward is a clear error.
 
-Autocast: like ``conv3d`` (a lower-precision op on both CUDA and CPU autocast lists), under autocast
-the floating inputs are cast to the autocast dtype (fp16/bf16 on CUDA, bf16 on CPU by default) and the
-op runs there with fp32 accumulation.
+Autocast: like ``conv3d``, under autocast the floating inputs (not fp64) are cast to the *current*
+autocast dtype of their device (fp16 or bf16, CPU and CUDA alike) and the op runs there with fp32
+accumulation.
 """
+from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,81 +55,62 @@ from torch import Tensor, nn
 
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
-from ._arch import cuda_capability
-from ._eager import plain_eager
+from . import _arch
+from ._dispatch import Backend, Dispatcher, Problem, Rule, between
 
-try:  # Triton is optional for CPU-only installs (torch CPU wheels do not bring it)
-    from ..triton import temporal_proj as _tk
-except ImportError:  # pragma: no cover - depends on the install
-    _tk = None
-
-__all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "Route", "route", "select_backend", "use_backend",
-           "pack_weights", "pack_biases"]
+__all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "select", "explain", "pack_weights", "pack_biases"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_F16, _BF16, _F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch table
+# Dispatch
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Route:
-    """One row of the dispatch table: the first row whose conditions all hold picks ``backend``."""
-    backend: str                      # one of BACKENDS
-    device: str                       # "cpu" | "cuda"
-    min_cc: int = 0                   # compute capability major*10+minor, inclusive (CUDA only)
-    max_cc: int = 10_000
-    dtypes: tuple = _FLOATS
-    aligned: bool = False             # C and every C_out multiples of 16, 16-byte aligned x
-    interpreter: Optional[bool] = None  # None: either; True/False: TRITON_INTERPRET=1 set or not
-    max_threads: int = 1 << 30        # CPU: torch.get_num_threads() at most this
-    why: str = ""
+class TemporalProjProblem(Problem):
+    aligned: bool = False   # C and every C_out multiples of 16, 16-byte aligned x (the Triton specialisation)
+    threads: int = 1        # torch.get_num_threads() (CPU)
+
+
+class _Triton(Backend):
+    name, requires = "triton", "triton"
+
+    def missing(self):
+        return _arch.triton_missing("temporal_proj")
+
+    def reasons(self, p):
+        out = []
+        if p.device != "cuda" and not (p.device == "cpu" and p.interpret):
+            out.append("runs on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+        if p.dtype not in (_F16, _BF16, _F32):
+            out.append(f"the kernels take fp16/bf16/fp32, not {p.dtype}")
+        return out
+
+
+class _Plain(Backend):
+    def __init__(self, name: str):
+        self.name = name
 
 
 _CPU_JSON = "benchmarks/results/temporal_proj{}_cpu-amd-epyc_2026-11-25.json"
 
-DISPATCH: tuple = (
-    Route("triton", "cpu", dtypes=(torch.float32, torch.float16), interpreter=True,
-          why="TRITON_INTERPRET=1: the Triton kernels run on CPU tensors (tests); the interpreter "
-              "simulates neither bf16 nor fp64"),
-    Route("gemm", "cpu", max_threads=1,
-          why="measured, 1 thread (" + _CPU_JSON.format("_1thread") + "): fastest backend, 1.10-1.25x the "
-              "per-kt conv3d baseline and 1.31-1.61x six Conv3d (fwd and fwd+bwd, reduced STSSA shapes)"),
-    Route("conv_kt", "cpu",
-          why="measured, 2 threads (" + _CPU_JSON.format("") + "): oneDNN's convs scale to 2 threads better "
-              "than 7 MKL GEMMs; 0.91-1.11x the per-kt conv3d baseline (gemm 0.86-0.98x), 0.99-1.16x six Conv3d"),
-    Route("conv_kt", "cuda", max_cc=79,
-          why="UNMEASURED. sm_75: Triton lowers tl.dot to FFMA (no tensor cores; compile_check), so cuDNN: one "
-              "call per kernel size (one call with all weights zero-padded to 7 taps = 1.75x the FLOPs)"),
-    Route("triton", "cuda", min_cc=80, dtypes=(torch.float16, torch.bfloat16), aligned=True,
-          why="UNMEASURED. sm_80+: implicit GEMM on tensor cores (HMMA/HGMMA), no padded-tap FLOPs"),
-    Route("gemm", "cuda",
-          why="UNMEASURED. fp32/fp64 or odd channel counts: cuBLAS tap GEMMs (no padded taps; fp32 "
-              "follows torch.backends.cuda.matmul.allow_tf32)"),
-)
-
-BACKENDS = ("triton", "gemm", "conv", "conv_kt")
-_forced: Optional[str] = None
-
-
-@contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a backend ("triton", "gemm", "conv", "conv_kt") for every call inside the block (tests, benchmarks);
-    ``None`` restores the table. Read when the op runs, so it also applies to compiled graphs."""
-    global _forced
-    if name not in (None,) + BACKENDS:
-        raise ValueError(f"temporal_proj: unknown backend {name!r}; expected one of {BACKENDS}")
-    if name == "triton" and _tk is None:
-        raise RuntimeError("temporal_proj: backend 'triton' needs the triton package")
-    prev, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = prev
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+DISPATCH = Dispatcher("temporal_proj", [_Triton(), _Plain("gemm"), _Plain("conv"), _Plain("conv_kt")], [
+    Rule("triton", "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors (tests); the interpreter "
+         "simulates neither bf16 nor fp64", device="cpu", interpret=True, dtypes=(_F32, _F16)),
+    Rule("gemm", "measured, 1 thread (" + _CPU_JSON.format("_1thread") + "): fastest backend, 1.10-1.25x the "
+         "per-kt conv3d baseline and 1.31-1.61x six Conv3d (fwd and fwd+bwd, reduced STSSA shapes)",
+         device="cpu", when=(("threads", between(hi=1)),)),
+    Rule("conv_kt", "measured, 2 threads (" + _CPU_JSON.format("") + "): oneDNN's convs scale to 2 threads "
+         "better than 7 MKL GEMMs; 0.91-1.11x the per-kt conv3d baseline (gemm 0.86-0.98x)", device="cpu"),
+    Rule("conv_kt", "UNMEASURED. sm_75: Triton lowers tl.dot to FFMA (no tensor cores; compile_check), so "
+         "cuDNN: one call per kernel size", device="cuda", families=(75,)),
+    Rule("triton", "UNMEASURED. sm_80+: implicit GEMM on tensor cores (HMMA/HGMMA), no padded-tap FLOPs",
+         device="cuda", families=(80, 90), dtypes=(_F16, _BF16), when=(("aligned", (True,)),)),
+    Rule("gemm", "UNMEASURED. fp32/fp64 or odd channel counts: cuBLAS tap GEMMs (no padded taps; fp32 "
+         "follows torch.backends.cuda.matmul.allow_tf32)", device="cuda"),
+    Rule("gemm", "fallback: torch GEMMs"),
+])
 
 
 def _aligned(x: Tensor, out_channels: Sequence[int]) -> bool:
@@ -144,40 +124,28 @@ def _aligned(x: Tensor, out_channels: Sequence[int]) -> bool:
     return x.data_ptr() % 16 == 0 and all(s % 16 == 0 for i, s in enumerate(x.stride()) if i != 1)
 
 
-def _cc(device: torch.device) -> int:
-    return cuda_capability(device) if device.type == "cuda" else 0
+def select(x: Tensor, out_channels: Sequence[int]):
+    """The dispatch decision (a :class:`~stssa_kernels.ops._dispatch.Choice`) for ``x`` with projections
+    of widths ``out_channels`` (and ``DISPATCH.force``)."""
+    dev = x.device
+    key = (dev, _arch.capability(dev), x.dtype, _arch.interpreting(), _aligned(x, out_channels),
+           torch.get_num_threads() if dev.type == "cpu" else 0)
+    return DISPATCH.select_cached(key, lambda: TemporalProjProblem(dev.type, *key[1:]))
 
 
-def route(device_type: str, cc: int, dtype: torch.dtype, aligned: bool, interpreting: bool,
-          threads: int = 1) -> Route:
-    """First :data:`DISPATCH` row matching a call's key (pure: no device queries)."""
-    for r in DISPATCH:
-        if r.device != device_type or not (r.min_cc <= cc <= r.max_cc) or dtype not in r.dtypes:
-            continue
-        if device_type == "cpu" and threads > r.max_threads:
-            continue
-        if r.interpreter is not None and r.interpreter != interpreting:
-            continue
-        if r.backend == "triton" and (_tk is None or (r.aligned and not aligned)):
-            continue
-        return r
-    return Route("gemm", device_type, why="fallback: no table row matched")
+def explain(x: Tensor, out_channels: Sequence[int], verbose: bool = False) -> str:
+    """The dispatch entry for this call (printed by the benchmarks); ``verbose``: every rule's verdict."""
+    if verbose:
+        dev = x.device
+        return DISPATCH.explain(TemporalProjProblem(
+            dev.type, _arch.capability(dev), x.dtype, _arch.interpreting(), _aligned(x, out_channels),
+            torch.get_num_threads() if dev.type == "cpu" else 0))
+    return select(x, out_channels).describe()
 
 
-def select_backend(x: Tensor, out_channels: Sequence[int]) -> Route:
-    """The :data:`DISPATCH` row that runs ``x`` with projections of widths ``out_channels``
-    (ignores :func:`use_backend`)."""
-    return route(x.device.type, _cc(x.device), x.dtype, _aligned(x, out_channels), _interpreting(),
-                 torch.get_num_threads())
-
-
-def _backend(x: Tensor, out_channels: Sequence[int]) -> str:
-    return _forced if _forced is not None else select_backend(x, out_channels).backend
-
-
-def _triton_config(x: Tensor, out_channels: Sequence[int]):
-    cc = None if x.device.type == "cpu" else _cc(x.device)
-    return _tk.pick_config(cc, x.shape[1], out_channels)
+def _triton_config(tk, x: Tensor, out_channels: Sequence[int]):
+    cc = None if x.device.type == "cpu" else _arch.capability(x.device)
+    return tk.pick_config(cc, x.shape[1], out_channels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,16 +180,6 @@ def _tap_rows(out_channels, kernel_sizes, d: int) -> list:
 
 def _rows(wp: Tensor, spans) -> Tensor:
     return wp[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([wp[a:b] for a, b in spans])
-
-
-def _canonical(t: Tensor, memory_format=torch.contiguous_format) -> Tensor:
-    """``t`` with exactly the strides ``torch.empty(t.shape, memory_format=...)`` gives (what the fake
-    kernels promise): ``.contiguous()`` keeps other strides on size-1 dims."""
-    ref = torch.empty(t.shape, device="meta", memory_format=memory_format).stride()
-    if t.stride() == ref:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
-    return out.copy_(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,227 +277,299 @@ def _conv_groups(ks, per_kt: bool) -> list:
     return list(groups.values())
 
 
-def _group_weight(wp: Tensor, oc, ks, idx) -> Tensor:
-    """Packed weight rows of projections ``idx`` -> one Conv3d weight [sum N, C, kg, 1, 1] with
-    kg = their largest kt, each projection's taps centred and zeros around them."""
-    C, kg = wp.shape[1], max(ks[i] for i in idx)
-    lay = list(_layout(oc, ks))
-    w = wp.new_zeros((sum(oc[i] for i in idx), C, kg))
+def _group_weight(weights: Sequence[Tensor], idx) -> Tensor:
+    """Conv3d weights of projections ``idx`` -> one weight [sum N, C, kg, 1, 1] with kg = their largest kt,
+    each projection's taps centred and zeros around them (no padding when all share one kt)."""
+    ws = [weights[i] for i in idx]
+    kg = max(w.shape[2] for w in ws)
+    if all(w.shape[2] == kg for w in ws):
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+    C = ws[0].shape[1]
+    out = ws[0].new_zeros((sum(w.shape[0] for w in ws), C, kg, 1, 1))
     r = 0
-    for i in idx:
-        row, _, n, kt, p = lay[i]
-        w[r:r + n, :, kg // 2 - p:kg // 2 + p + 1] = wp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0)
+    for w in ws:
+        n, p = w.shape[0], w.shape[2] // 2
+        out[r:r + n, :, kg // 2 - p:kg // 2 + p + 1] = w
         r += n
-    return w.view(w.shape[0], C, kg, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+    return out
 
 
-def _fwd_conv(x: Tensor, wp: Tensor, bias: Optional[Tensor], oc, ks, per_kt: bool) -> Tensor:
+def _fwd_conv(x: Tensor, weights, biases, oc, ks, per_kt: bool) -> Tensor:
     B, C, T, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last_3d)
     groups = _conv_groups(ks, per_kt)
-    cols = [c for _, c, *_ in _layout(oc, ks)]
+    cols = [sum(oc[:i]) for i in range(len(oc))]
+
+    def group_bias(idx):
+        if all(biases[i] is None for i in idx):
+            return None
+        parts = [biases[i] if biases[i] is not None else x.new_zeros(oc[i]) for i in idx]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     if len(groups) == 1:  # channels-last in -> channels-last out = the packed [B, T, H, W, sum N] memory
-        return F.conv3d(xc, _group_weight(wp, oc, ks, groups[0]), bias, padding=(max(ks) // 2, 0, 0)).permute(0, 2, 3, 4, 1)
+        idx = groups[0]
+        return F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks) // 2, 0, 0)).permute(0, 2, 3, 4, 1)
     y = torch.empty((B, T, H, W, sum(oc)), dtype=x.dtype, device=x.device)
     for idx in groups:
-        bg = None if bias is None else torch.cat([bias[cols[i]:cols[i] + oc[i]] for i in idx])
-        out = F.conv3d(xc, _group_weight(wp, oc, ks, idx), bg, padding=(max(ks[i] for i in idx) // 2, 0, 0))
+        out = F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks[i] for i in idx) // 2, 0, 0))
         out, r = out.permute(0, 2, 3, 4, 1), 0
+        if len(idx) == idx[-1] - idx[0] + 1:  # consecutive projections: one column block
+            y[..., cols[idx[0]]:cols[idx[0]] + out.shape[-1]] = out
+            continue
         for i in idx:
             y[..., cols[i]:cols[i] + oc[i]] = out[..., r:r + oc[i]]
             r += oc[i]
     return y
 
 
-def _bwd_conv(dy: Tensor, x: Tensor, wp: Tensor, oc, ks, need_dx: bool, need_dw: bool, per_kt: bool):
-    C = x.shape[1]
+def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, per_kt: bool):
     xc = x.contiguous(memory_format=torch.channels_last_3d)
-    lay = list(_layout(oc, ks))
-    dx, dwp = None, (torch.empty(wp.shape, dtype=wp.dtype, device=wp.device) if need_dw else None)
+    cols = [sum(oc[:i]) for i in range(len(oc))]
+    dx, dws = None, [None] * len(weights)
     for idx in _conv_groups(ks, per_kt):
         kg = max(ks[i] for i in idx)
-        gy = torch.cat([dy[..., lay[i][1]:lay[i][1] + oc[i]] for i in idx], -1) if len(idx) < len(oc) else dy
+        if len(idx) == len(oc):
+            gy = dy
+        elif len(idx) == idx[-1] - idx[0] + 1:
+            gy = dy[..., cols[idx[0]]:cols[idx[-1]] + oc[idx[-1]]]
+        else:
+            gy = torch.cat([dy[..., cols[i]:cols[i] + oc[i]] for i in idx], -1)
+        wg = _group_weight(weights, idx)
         dxg, dwg, _ = torch.ops.aten.convolution_backward(
-            gy.permute(0, 4, 1, 2, 3), xc, _group_weight(wp, oc, ks, idx), None, [1, 1, 1], [kg // 2, 0, 0],
+            gy.permute(0, 4, 1, 2, 3), xc, wg, None, [1, 1, 1], [kg // 2, 0, 0],
             [1, 1, 1], False, [0, 0, 0], 1, [need_dx, need_dw, False])
         if need_dx:
             dx = dxg if dx is None else dx.add_(dxg)
         if need_dw:
             r = 0
             for i in idx:
-                row, _, n, kt, p = lay[i]
-                dwp[row:row + kt * n].view(kt, n, C).copy_(dwg[r:r + n, :, kg // 2 - p:kg // 2 + p + 1, 0, 0].permute(2, 0, 1))
+                n, p = oc[i], ks[i] // 2
+                dw = dwg[r:r + n, :, kg // 2 - p:kg // 2 + p + 1]
+                dws[i] = dw if len(idx) == 1 else dw.clone(memory_format=torch.contiguous_format)
                 r += n
-    return dx, dwp
+    return dx, dws
 
 
 # ------------------------------------------------------------------------------------------------
-# The ops
+# The registered ops
 # ------------------------------------------------------------------------------------------------
-def _check_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], oc: Sequence[int], ks: Sequence[int],
-                  name: str = "stssa::temporal_proj") -> None:
-    """Op-boundary checks for direct callers of the packed op (the wrapper checks more, with the
-    Conv3d-style argument names)."""
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _exact(t: Tensor, strides: tuple, memory_format=torch.contiguous_format) -> Tensor:
+    """``t`` with exactly ``strides`` (what the fake kernels promise; ``.contiguous()`` keeps other
+    strides on size-1 dims)."""
+    if t.stride() == strides:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
+
+
+def _cl3d_strides(shape) -> tuple:
+    B, C, T, H, W = shape
+    C1, W1, H1, T1 = max(C, 1), max(W, 1), max(H, 1), max(T, 1)
+    return (T1 * H1 * W1 * C1, 1, H1 * W1 * C1, W1 * C1, C1)
+
+
+def _check_op(x: Tensor, weights: Sequence[Tensor], name: str = "stssa::temporal_proj") -> None:
+    """Op-boundary checks for direct callers of the op (the wrapper checks everything, naming the
+    Conv3d-style arguments)."""
     if x.dim() != 5:
         raise ValueError(f"{name}: x must be [B, C, T, H, W], got shape {tuple(x.shape)}")
-    if len(oc) != len(ks) or len(oc) == 0:
-        raise ValueError(f"{name}: out_channels and kernel_sizes must be non-empty and of equal length, "
-                         f"got {list(oc)} and {list(ks)}")
-    if any(k < 1 or k % 2 == 0 for k in ks) or any(n < 1 for n in oc):
-        raise ValueError(f"{name}: kernel_sizes must be odd and positive and out_channels positive, "
-                         f"got {list(ks)} and {list(oc)}")
-    rows = sum(k * n for k, n in zip(ks, oc))
-    if weight.dim() != 2 or weight.shape[0] != rows or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{name}: weight must be the packed [sum kt_i*C_out_i, C] = [{rows}, {x.shape[1]}] "
-                         f"matrix, got shape {tuple(weight.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != sum(oc)):
-        raise ValueError(f"{name}: bias must be [sum C_out_i] = [{sum(oc)}], got shape {tuple(bias.shape)}")
-    for t, what in ((weight, "weight"), (bias, "bias")):
-        if t is not None and (t.device != x.device or t.dtype != x.dtype):
-            raise ValueError(f"{name}: {what} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+    if len(weights) == 0:
+        raise ValueError(f"{name}: weights must be a non-empty list of Conv3d weights [C_out, C, kt, 1, 1]")
+    C = x.shape[1]
+    for i, w in enumerate(weights):
+        if w.dim() != 5 or w.shape[1] != C or w.shape[2] % 2 == 0 or w.shape[3] != 1 or w.shape[4] != 1 \
+                or w.shape[0] == 0:
+            raise ValueError(f"{name}: weights[{i}] must be [C_out > 0, C={C}, odd kt, 1, 1], got {tuple(w.shape)}")
+        if w.device != x.device or w.dtype != x.dtype:
+            raise ValueError(f"{name}: weights[{i}] is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
 
 
-@torch.library.custom_op("stssa::temporal_proj", mutates_args=())
-def _temporal_proj_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: List[int],
-                      kernel_sizes: List[int]) -> Tensor:
-    """Packed op: x [B, C, T, H, W], weight [sum kt_i N_i, C], bias [sum N_i] or None ->
-    Y [B, T, H, W, sum N_i] contiguous (column slice i = projection i, channels last)."""
-    _check_packed(x, weight, bias, out_channels, kernel_sizes)
-    return _forward_impl(x, weight, bias, out_channels, kernel_sizes)
+def pack_weights(weights: Sequence[Tensor]) -> Tensor:
+    """Conv3d weights ``[N_i, C, kt_i, 1, 1]`` -> packed ``[sum kt_i N_i, C]`` (per projection, per tap,
+    the ``[N_i, C]`` matrix): the operand of the GEMM and Triton backends."""
+    parts = [w.flatten(2).permute(2, 0, 1).reshape(-1, w.shape[1]) for w in weights]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
-def _forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: List[int],
-                  kernel_sizes: List[int]) -> Tensor:
-    weight = weight.contiguous()
-    backend = _backend(x, out_channels)
-    if backend == "triton":
-        y = _tk.temporal_proj_fwd(x, weight, bias, out_channels, kernel_sizes, _triton_config(x, out_channels))
-    elif backend in ("conv", "conv_kt"):
-        y = _fwd_conv(x, weight, bias, out_channels, kernel_sizes, per_kt=backend == "conv_kt")
+def pack_biases(biases, weights: Sequence[Tensor]) -> Optional[Tensor]:
+    """Biases (Tensor or None each) -> packed ``[sum N_i]`` (zeros for missing ones), or None if none."""
+    if biases is None or all(b is None for b in biases):
+        return None
+    parts = [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _unpack_weight_grads(dwp: Tensor, weights: Sequence[Tensor]) -> list:
+    """Packed ``[sum kt_i N_i, C]`` gradient -> one ``[N_i, C, kt_i, 1, 1]`` tensor per weight."""
+    out, row = [], 0
+    for w in weights:
+        n, C, kt = w.shape[0], w.shape[1], w.shape[2]
+        out.append(dwp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0).contiguous().view(n, C, kt, 1, 1))
+        row += kt * n
+    return out
+
+
+def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tensor:
+    _check_op(x, weights)
+    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
+    backend = select(x, oc).backend
+    if backend in ("conv", "conv_kt"):
+        y = _fwd_conv(x, weights, biases, oc, ks, per_kt=backend == "conv_kt")
     else:
-        y = _fwd_gemm(x, weight, bias, out_channels, kernel_sizes)
-    return _canonical(y)
+        wp, bp = pack_weights(weights), pack_biases(biases, weights)
+        if backend == "triton":
+            tk = _arch.triton_kernels("temporal_proj")
+            y = tk.temporal_proj_fwd(x, wp, bp, oc, ks, _triton_config(tk, x, oc))
+        else:
+            y = _fwd_gemm(x, wp, bp, oc, ks)
+    return _exact(y, _contiguous_strides(y.shape))
 
 
-@_temporal_proj_op.register_fake
-def _(x, weight, bias, out_channels, kernel_sizes):
-    _check_packed(x, weight, bias, out_channels, kernel_sizes)
+def _forward_fake(x, weights, biases):
+    _check_op(x, weights)
     B, C, T, H, W = x.shape
-    return x.new_empty((B, T, H, W, sum(out_channels)))
+    return x.new_empty((B, T, H, W, sum(w.shape[0] for w in weights)))
 
 
-@torch.library.custom_op("stssa::_temporal_proj_backward", mutates_args=())
-def _temporal_proj_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, out_channels: List[int],
-                               kernel_sizes: List[int], output_mask: List[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of ``stssa::temporal_proj``. grad_y [B, T, H, W, sum N] -> (grad_x [B, C, T, H, W]
-    channels_last_3d, grad_weight [sum kt_i N_i, C], grad_bias [sum N]); an entry whose
-    ``output_mask`` is False comes back as an empty ``[0]`` tensor."""
-    _check_packed(x, weight, None, out_channels, kernel_sizes, "stssa::_temporal_proj_backward")
-    return _backward_impl(grad_y, x, weight, out_channels, kernel_sizes, output_mask)
-
-
-def _backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, out_channels: List[int], kernel_sizes: List[int],
-                   output_mask: List[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_mask: List[bool]):
+    _check_op(x, weights, "stssa::_temporal_proj_backward")
     need_dx, need_dw, need_db = output_mask
-    dy = _canonical(grad_y)
-    weight = weight.contiguous()
-    backend = _backend(x, out_channels)
-    if not (need_dx or need_dw):
-        dx = dwp = None
-    elif backend == "triton":
-        dx, dwp = _tk.temporal_proj_bwd(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw,
-                                        _triton_config(x, out_channels))
-    elif backend in ("conv", "conv_kt"):
-        dx, dwp = _bwd_conv(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw, per_kt=backend == "conv_kt")
-    else:
-        dx, dwp = _bwd_gemm(dy, x, weight, out_channels, kernel_sizes, need_dx, need_dw)
+    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
+    dy = _exact(grad_y, _contiguous_strides(grad_y.shape))
+    backend = select(x, oc).backend
+    dx, dws = None, None
+    if need_dx or need_dw:
+        if backend in ("conv", "conv_kt"):
+            dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, per_kt=backend == "conv_kt")
+        else:
+            wp = pack_weights(weights)
+            if backend == "triton":
+                tk = _arch.triton_kernels("temporal_proj")
+                dx, dwp = tk.temporal_proj_bwd(dy, x, wp, oc, ks, need_dx, need_dw, _triton_config(tk, x, oc))
+            else:
+                dx, dwp = _bwd_gemm(dy, x, wp, oc, ks, need_dx, need_dw)
+            dws = _unpack_weight_grads(dwp, weights) if need_dw else None
     empty = x.new_empty((0,))
-    dx = _canonical(dx, torch.channels_last_3d) if need_dx else empty
-    dwp = _canonical(dwp) if need_dw else empty.clone()
+    dx = _exact(dx, _cl3d_strides(x.shape), torch.channels_last_3d) if need_dx else empty
+    dws = dws if need_dw else [empty.clone() for _ in weights]
     # column sums accumulated in fp32 (fp64 for fp64) whatever the dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else empty.clone()
-    return dx, dwp, db
+    return dx, dws, db
 
 
-@_temporal_proj_backward_op.register_fake
-def _(grad_y, x, weight, out_channels, kernel_sizes, output_mask):
+def _backward_fake(grad_y, x, weights, output_mask):
     need_dx, need_dw, need_db = output_mask
     empty = lambda: x.new_empty((0,))  # noqa: E731
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d) if need_dx else empty()
-    dwp = weight.new_empty(weight.shape) if need_dw else empty()
-    db = x.new_empty((sum(out_channels),)) if need_db else empty()
-    return dx, dwp, db
+    dws = [w.new_empty(w.shape) if need_dw else empty() for w in weights]
+    db = x.new_empty((sum(w.shape[0] for w in weights),)) if need_db else empty()
+    return dx, dws, db
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, out_channels, kernel_sizes = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.out_channels, ctx.kernel_sizes, ctx.has_bias = out_channels, kernel_sizes, bias is not None
-
-
-def _backward(ctx, grad_y, impl=None):
-    """Gradients through the registered backward op, or through ``impl`` (its implementation, for the
-    eager path without create_graph)."""
-    x, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return None, None, None, None, None
-    dx, dw, db = (impl or torch.ops.stssa._temporal_proj_backward)(grad_y, x, weight, ctx.out_channels,
-                                                                   ctx.kernel_sizes, mask)
-    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None
-
-
-_temporal_proj_op.register_autograd(_backward, setup_context=_setup_context)
+_LIB = torch.library.Library("stssa", "FRAGMENT")  # noqa: TOR901 (kept alive with the module)
+_LIB.define("temporal_proj(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
+_LIB.define("_temporal_proj_backward(Tensor grad_y, Tensor x, Tensor[] weights, bool[] output_mask) "
+            "-> (Tensor, Tensor[], Tensor)")
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("temporal_proj", _forward_kernel, _key)
+    _LIB.impl("_temporal_proj_backward", _backward_kernel, _key)
+torch.library.register_fake("stssa::temporal_proj", _forward_fake, lib=_LIB)
+torch.library.register_fake("stssa::_temporal_proj_backward", _backward_fake, lib=_LIB)
+_forward_op = torch.ops.stssa.temporal_proj.default
+_backward_op = torch.ops.stssa._temporal_proj_backward.default
 
 
 class _TemporalProjFunction(torch.autograd.Function):
-    """The op's forward and backward without the custom_op dispatcher round trips, for plain eager calls
-    (see ``stssa_kernels.ops._eager``); the same implementations and saved tensors."""
+    """The one autograd connection of the op. ``apply(x, n, *weights, *biases)`` (n weights; biases
+    Tensor or None each) -> the packed output Y."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_channels, kernel_sizes):
-        _setup_context(ctx, (x, weight, bias, out_channels, kernel_sizes), None)
-        return _forward_impl(x, weight, bias, out_channels, kernel_sizes)
+    def forward(ctx, x, n, *params):
+        weights, biases = list(params[:n]), list(params[n:])
+        ctx.save_for_backward(x, *weights)
+        ctx.n, ctx.has_bias = n, [b is not None for b in biases]
+        return _forward_op(x, weights, biases)
 
     @staticmethod
     def backward(ctx, grad_y):
-        # create_graph=True: through the registered op, whose node names it on a double backward
-        return _backward(ctx, grad_y, None if torch.is_grad_enabled() else _backward_impl)
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
-def _register_autocast(device_type: str) -> None:
-    """conv3d's autocast rule: floating inputs (not fp64) cast to the *current* autocast dtype.
-    (``torch.library.register_autocast`` only takes a fixed dtype.)"""
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-
-    def cast(t):
-        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
-            return t
-        return t.to(_autocast_dtype(device_type))
-
-    def kernel(_keyset, x, weight, bias, out_channels, kernel_sizes):
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return torch.ops.stssa.temporal_proj.default(cast(x), cast(weight), cast(bias), out_channels,
-                                                         kernel_sizes)
-
-    _AUTOCAST_LIB.impl("temporal_proj", kernel, key.name, with_keyset=True)
-
-
-_AUTOCAST_LIB = torch.library.Library("stssa", "FRAGMENT")  # noqa: TOR901 (kept alive with the module)
-for _dev in ("cuda", "cpu"):
-    _register_autocast(_dev)
+        if torch.is_grad_enabled():
+            raise RuntimeError("temporal_proj: double backward is not implemented (stssa::_temporal_proj_backward "
+                               "has no derivative)")
+        x, *weights = ctx.saved_tensors
+        n = ctx.n
+        need = ctx.needs_input_grad
+        mask = [need[0], any(need[2:2 + n]), any(h and g for h, g in zip(ctx.has_bias, need[2 + n:]))]
+        if not any(mask):
+            return (None,) * (2 + 2 * n)
+        dx, dws, db = _backward_op(grad_y, x, weights, mask)
+        dbs = db.split([w.shape[0] for w in weights]) if mask[2] else [None] * n
+        return (dx if need[0] else None, None,
+                *[dw if need[2 + i] else None for i, dw in enumerate(dws)],
+                *[dbs[i] if (h and need[2 + n + i]) else None for i, h in enumerate(ctx.has_bias)])
 
 
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _cast(t, dtype):
+    # conv3d's autocast rule: floating tensors other than float64 run in the autocast dtype
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def temporal_proj(x: Tensor, weights: Sequence[Tensor],
+                  biases: Optional[Sequence[Optional[Tensor]]] = None) -> List[Tensor]:
+    """Several temporal-only Conv3d's of one input, in one pass over ``x``.
+
+    Args:
+        x: ``[B, C, T, H, W]`` (any strides; contiguous or ``channels_last_3d``), fp16/bf16/fp32/fp64.
+        weights: list of Conv3d weights ``[C_out_i, C, kt_i, 1, 1]`` with odd ``kt_i`` (1, 3, 7, ...).
+        biases: ``None`` or a list of the same length of ``[C_out_i]`` tensors or ``None``.
+
+    Returns:
+        ``[out_0, out_1, ...]``, ``out_i[B, C_out_i, T, H, W] = F.conv3d(x, weights[i], biases[i],
+        padding=(kt_i // 2, 0, 0))`` (zero padding in time). All outputs are column slices of one
+        ``[B, T, H, W, sum C_out_i]`` buffer: channel stride 1, position stride ``sum C_out_i``.
+    """
+    dev = x.device.type if isinstance(x, Tensor) else None
+    amp = None
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        amp = torch.get_autocast_dtype(dev)
+        x = _cast(x, amp)
+        if isinstance(weights, (list, tuple)):
+            weights = [_cast(w, amp) for w in weights]
+        if isinstance(biases, (list, tuple)):
+            biases = [_cast(b, amp) for b in biases]
+    _check_inputs(x, weights, biases)
+    weights = list(weights)
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if amp is None:
+        y = _run(x, weights, biases)
+    else:
+        with torch.autocast(dev, enabled=False):  # the backends choose their own accumulation precision
+            y = _run(x, weights, biases)
+    return [part.permute(0, 4, 1, 2, 3) for part in y.split([w.shape[0] for w in weights], dim=-1)]
+
+
+def _run(x, weights, biases) -> Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
+                                    or any(b is not None and b.requires_grad for b in biases)):
+        return _TemporalProjFunction.apply(x, len(weights), *weights, *biases)
+    return _forward_op(x, weights, biases)
+
+
 def _check_inputs(x: Tensor, weights: Sequence[Tensor], biases) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"temporal_proj: x must be a Tensor, got {type(x).__name__}")
@@ -549,7 +579,6 @@ def _check_inputs(x: Tensor, weights: Sequence[Tensor], biases) -> None:
         raise TypeError(f"temporal_proj: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise TypeError("temporal_proj: weights must be a non-empty list of Conv3d weights [C_out, C, kt, 1, 1]")
-    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
     C = x.shape[1]
     for i, w in enumerate(weights):
         if not isinstance(w, Tensor):
@@ -567,7 +596,7 @@ def _check_inputs(x: Tensor, weights: Sequence[Tensor], biases) -> None:
             raise ValueError(f"temporal_proj: weights[{i}] has no output channels (shape {tuple(w.shape)})")
         if w.device != x.device:
             raise ValueError(f"temporal_proj: weights[{i}] is on {w.device} but x is on {x.device}")
-        if w.dtype != x.dtype and not autocast:
+        if w.dtype != x.dtype:
             raise TypeError(f"temporal_proj: weights[{i}] has dtype {w.dtype} but x has {x.dtype}")
     if biases is None:
         return
@@ -585,48 +614,8 @@ def _check_inputs(x: Tensor, weights: Sequence[Tensor], biases) -> None:
                              f"got {tuple(b.shape)}")
         if b.device != x.device:
             raise ValueError(f"temporal_proj: biases[{i}] is on {b.device} but x is on {x.device}")
-        if b.dtype != x.dtype and not autocast:
+        if b.dtype != x.dtype:
             raise TypeError(f"temporal_proj: biases[{i}] has dtype {b.dtype} but x has {x.dtype}")
-
-
-def pack_weights(weights: Sequence[Tensor]) -> Tensor:
-    """Conv3d weights ``[N_i, C, kt_i, 1, 1]`` -> packed ``[sum kt_i N_i, C]`` (per projection, per tap,
-    the ``[N_i, C]`` matrix). Differentiable: the packed gradient flows back to every weight."""
-    parts = [w.flatten(2).permute(2, 0, 1).reshape(-1, w.shape[1]) for w in weights]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def pack_biases(biases, weights: Sequence[Tensor]) -> Optional[Tensor]:
-    """Biases (Tensor or None each) -> packed ``[sum N_i]`` (zeros for missing ones), or None if none."""
-    if biases is None or all(b is None for b in biases):
-        return None
-    parts = [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def temporal_proj(x: Tensor, weights: Sequence[Tensor],
-                  biases: Optional[Sequence[Optional[Tensor]]] = None) -> List[Tensor]:
-    """Several temporal-only Conv3d's of one input, in one pass over ``x``.
-
-    Args:
-        x: ``[B, C, T, H, W]`` (any strides; contiguous or ``channels_last_3d``), fp16/bf16/fp32/fp64.
-        weights: list of Conv3d weights ``[C_out_i, C, kt_i, 1, 1]`` with odd ``kt_i`` (1, 3, 7, ...).
-        biases: ``None`` or a list of the same length of ``[C_out_i]`` tensors or ``None``.
-
-    Returns:
-        ``[out_0, out_1, ...]``, ``out_i[B, C_out_i, T, H, W] = F.conv3d(x, weights[i], biases[i],
-        padding=(kt_i // 2, 0, 0))`` (zero padding in time). All outputs are column slices of one
-        ``[B, T, H, W, sum C_out_i]`` buffer: channel stride 1, position stride ``sum C_out_i``.
-    """
-    _check_inputs(x, weights, biases)
-    out_channels = [int(w.shape[0]) for w in weights]
-    kernel_sizes = [int(w.shape[2]) for w in weights]
-    weight, bias = pack_weights(weights), pack_biases(biases, weights)
-    if plain_eager([x, weight] + ([bias] if bias is not None else [])):
-        y = _TemporalProjFunction.apply(x, weight, bias, out_channels, kernel_sizes)
-    else:
-        y = torch.ops.stssa.temporal_proj(x, weight, bias, out_channels, kernel_sizes)
-    return [part.permute(0, 4, 1, 2, 3) for part in y.split(out_channels, dim=-1)]
 
 
 class TemporalProjection(nn.Module):
@@ -639,7 +628,7 @@ class TemporalProjection(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: Sequence[int], kernel_sizes: Sequence[int],
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None, use_fused: bool = True):
         super().__init__()
         if len(out_channels) != len(kernel_sizes) or len(out_channels) == 0:
             raise ValueError(f"TemporalProjection: out_channels {list(out_channels)} and kernel_sizes "
@@ -651,7 +640,7 @@ class TemporalProjection(nn.Module):
         self.in_channels = in_channels
         self.out_channels = list(out_channels)
         self.kernel_sizes = list(kernel_sizes)
-        self.use_fused = True
+        self.use_fused = bool(use_fused)
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.empty(n, in_channels, k, 1, 1, **kw)) for n, k in zip(out_channels, kernel_sizes)])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **kw)) for n in out_channels]) if bias else None

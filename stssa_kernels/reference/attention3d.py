@@ -23,6 +23,18 @@ import torch.nn.functional as F
 AXES = ("spatial", "temporal", "full")
 
 
+def seq_count_and_length(shape, axis: str) -> tuple[int, int]:
+    """(number of sequences, tokens per sequence) of a ``[B, D, T, H, W]`` map for ``axis``."""
+    B, _, T, H, W = shape
+    if axis == "spatial":
+        return B * T, H * W
+    if axis == "temporal":
+        return B * H * W, T
+    if axis == "full":
+        return B, T * H * W
+    raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+
+
 _SEQ_PERM = {"spatial": (0, 3, 1, 4, 5, 2), "temporal": (0, 4, 5, 1, 3, 2), "full": (0, 1, 3, 4, 5, 2)}
 
 
@@ -84,8 +96,8 @@ def attention3d_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: str
         ``[B, Dv, T, H, W]`` = ``residual + gamma * softmax(scale * q k^T) v`` (terms present when given).
     Computes in the inputs' dtype (use float64 for ground truth); O(L^2) memory per sequence.
     """
-    if scale is None:
-        scale = (q.shape[1] // heads) ** -0.5
+    if scale is None:  # (a zero key width makes every logit 0, whatever the scale)
+        scale = (q.shape[1] // heads) ** -0.5 if q.shape[1] else 1.0
     qs, ks, vs = (to_seq(t, axis, heads) for t in (q, k, v))
     N, h, L, dk = qs.shape
     qs, ks, vs = (t.reshape(N * h, L, t.shape[-1]) for t in (qs, ks, vs))
@@ -107,7 +119,7 @@ def attention3d_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: st
     the caller's ``torch.nn.attention.sdpa_kernel`` context.
     """
     if scale is None:
-        scale = (q.shape[1] // heads) ** -0.5
+        scale = (q.shape[1] // heads) ** -0.5 if q.shape[1] else 1.0
     qs, ks, vs = (to_seq(t, axis, heads).contiguous() for t in (q, k, v))
     attn = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
     return _epilogue(from_seq(attn, axis, v.shape), residual, gamma)
