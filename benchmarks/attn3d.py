@@ -48,7 +48,7 @@ import stssa_kernels  # noqa: E402,F401
 from stssa_kernels import attention3d  # noqa: E402
 from stssa_kernels.ops import attention3d as attn_ops  # noqa: E402
 from stssa_kernels.reference import attention3d_ref, attention3d_sdpa  # noqa: E402
-from stssa_kernels.triton.attention3d import seq_count_and_length  # noqa: E402
+from stssa_kernels.reference.attention3d import seq_count_and_length  # noqa: E402
 
 AXES = ("spatial", "temporal", "full")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -65,7 +65,14 @@ CPU_SHAPES = {
     "cpu_ava_t16_dk64_dv256": dict(B=8, T=16, H=7, W=7, dk=64, dv=256),
     "cpu_backbone_t8_16x16": dict(B=2, T=8, H=16, W=16, dk=64, dv=64),
     "cpu_small_t8_8x8": dict(B=2, T=8, H=8, W=8, dk=64, dv=64),
+    # issue #11 item 8: AVA-like RoI shapes (K=8 RoIs) and a small map, on the axis the head uses there
+    "cpu_roi_k8_t8_dk64_dv256": dict(B=8, T=8, H=7, W=7, dk=64, dv=256, axes=("spatial",)),
+    "cpu_roi_k8_t16_dk64_dv256": dict(B=8, T=16, H=7, W=7, dk=64, dv=256, axes=("temporal",)),
+    "cpu_map_b2_t4_16x16_dk32_dv128": dict(B=2, T=4, H=16, W=16, dk=32, dv=128, axes=("spatial",)),
 }
+#: per-call overhead at a tiny size, 1 thread (issue #11 item 1: forward within 2x of the composition,
+#: forward+backward at parity or better)
+TINY = dict(B=1, T=2, H=4, W=4, dk=8, dv=8)
 
 
 def _sdpa_backends(device):
@@ -148,7 +155,7 @@ def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
         except RuntimeError as e:
             notes[f"sdpa[{bname}]"] = "skipped: " + str(e).strip().splitlines()[0][:90]
     methods["attention3d"] = lambda: attention3d(q, k, v, axis, residual=r, gamma=gamma)
-    entry = attn_ops.explain(q, k, v, axis, grad=grad)
+    entry = attn_ops.explain(q, k, v, axis)
 
     with torch.no_grad():
         ref = attention3d_ref(q.float(), k.float(), v.float(), axis, 1, None, r.float(), gamma.float())
@@ -182,6 +189,46 @@ def run_case(name, s, axis, dtype, device, mode, warmup, repeats, peaks):
     nseq, L = seq_count_and_length((s["B"], s["dk"], s["T"], s["H"], s["W"]), axis)
     return rows, dict(case=name, axis=axis, mode=mode, seqs=nseq, L=L, dispatch=entry, max_abs_err_vs_fp32=err,
                       skipped=notes, best_baseline=min((m for m in ms if m != "attention3d"), key=ms.get))
+
+
+def tiny_overhead(warmup, repeats):
+    """attention3d vs the composition at TINY, one thread: microseconds per call (median of interleaved
+    rounds of 200 calls), forward (no grad) and forward+backward (residual + gamma)."""
+    import time as _time
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v, r, gamma = make_inputs(TINY, torch.float32, torch.device("cpu"), True)
+        go = torch.randn_like(v)
+        out = {}
+        for mode in ("fwd", "fwd+bwd"):
+            fns = {"attention3d": lambda: attention3d(q, k, v, "spatial", residual=r, gamma=gamma),
+                   "composition": lambda: attention3d_ref(q, k, v, "spatial", 1, None, r, gamma)}
+            if mode == "fwd":
+                fns = {m: (lambda f=f: _no_grad(f)) for m, f in fns.items()}
+            else:
+                fns = {m: (lambda f=f: f().backward(go)) for m, f in fns.items()}
+            times = {m: [] for m in fns}
+            for f in fns.values():
+                for _ in range(warmup * 20):
+                    f()
+            for _ in range(repeats):
+                for m, f in fns.items():
+                    t0 = _time.perf_counter()
+                    for _ in range(200):
+                        f()
+                    times[m].append((_time.perf_counter() - t0) / 200 * 1e6)
+            med = {m: statistics.median(t) for m, t in times.items()}
+            out[mode] = dict(attention3d_us=med["attention3d"], composition_us=med["composition"],
+                             ratio=med["attention3d"] / med["composition"], shape=TINY, threads=1)
+        return out
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _no_grad(f):
+    with torch.no_grad():
+        return f()
 
 
 def plot(rows, path, title):
@@ -220,6 +267,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=None, help="default 30 on GPU, 21 on CPU")
     ap.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
+    ap.add_argument("--machine-note", default="", help="saved in the JSON (e.g. 'shared with other jobs')")
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -250,7 +298,7 @@ def main(argv=None):
 
     rows, cases = [], []
     for name, s in shapes.items():
-        for axis in args.axes:
+        for axis in [a for a in args.axes if a in s.get("axes", AXES)]:
             for mode in args.modes:
                 r, c = run_case(name, s, axis, dtype, device, mode, args.warmup, repeats, (bw, tf))
                 rows += r
@@ -264,12 +312,22 @@ def main(argv=None):
             ("speedup", "x best baseline")]
     print_table(rows, cols)
 
+    tiny = tiny_overhead(args.warmup, max(repeats, 31)) if cpu else None
+    if tiny:
+        print("\ntiny problem, 1 thread (per-call overhead): attention3d / composition")
+        for k_, v_ in tiny.items():
+            print(f"  {k_:14s} attention3d {v_['attention3d_us']:.1f} us, composition {v_['composition_us']:.1f} us "
+                  f"-> {v_['ratio']:.2f}x the composition's time")
+
     ours = [r for r in rows if r["method"] == "attention3d"]
     slower = [f"{r['case']}/{r['axis']}/{r['mode']} ({r['speedup']:.2f}x)" for r in ours if r["speedup"] < 1.0]
     print(f"\nattention3d vs best baseline: geometric-mean speed-up "
           f"{statistics.geometric_mean([r['speedup'] for r in ours]):.2f}x over {len(ours)} cases; "
           f"slower in {len(slower)}: {', '.join(slower) if slower else 'none'}")
     payload = dict(cpu_only=cpu, note=("CPU-only run: reduced shapes on the CPU path" if cpu else "GPU run"),
+                   machine=args.machine_note, tiny_overhead=tiny,
+                   geomean_speedup_vs_best_baseline=statistics.geometric_mean([r["speedup"] for r in ours]),
+                   min_speedup_vs_best_baseline=min(r["speedup"] for r in ours),
                    dtype=str(dtype).replace("torch.", ""), repeats=repeats, peaks=dict(gbps=bw, tflops=tf, source=peak_src),
                    shapes=shapes, cases=cases, rows=rows)
     # a run over part of the table must not overwrite the full run's file that the README cites

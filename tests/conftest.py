@@ -40,7 +40,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(needs_cuda)
-        if "interpret" in item.keywords and not INTERPRETING:
+        if item.get_closest_marker("interpret") is not None and not INTERPRETING:
             item.add_marker(_needs_interpreter)

@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import stssa_kernels
+from _numerics import assert_by_rule
+from _samples import STSSA_KT, temporal_proj_inputs, temporal_proj_sample_inputs
 from stssa_kernels import TemporalProjection, temporal_proj
 from stssa_kernels.ops import temporal_proj as tp_ops
-from stssa_kernels.ops.temporal_proj import pack_biases, pack_weights, route, select_backend, use_backend
 from stssa_kernels.reference import temporal_proj_ref
+
+use_backend = tp_ops.DISPATCH.force
 
 CPU_BACKENDS = ["gemm", "conv", "conv_kt"]
 
@@ -29,21 +32,7 @@ def _one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-STSSA_KT = [7, 7, 7, 1, 1, 1]  # slow q, k, v (7x1x1) and fast q, k, v (1x1x1)
-
-
-def make(B=2, C=5, T=4, H=3, W=2, out_channels=(4,), kernel_sizes=(3,), bias=None, dtype=torch.float32,
-         device="cpu", seed=0):
-    """x [B, C, T, H, W], weights [N_i, C, kt_i, 1, 1] (unit-variance outputs), biases (bias[i] False: None)."""
-    bias = (True,) * len(out_channels) if bias is None else bias
-    assert len(bias) == len(out_channels) == len(kernel_sizes)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, T, H, W, generator=g, dtype=torch.float64)
-    ws = [torch.randn(n, C, k, 1, 1, generator=g, dtype=torch.float64) / (C * k) ** 0.5
-          for n, k in zip(out_channels, kernel_sizes)]
-    bs = [torch.randn(n, generator=g, dtype=torch.float64) if b else None for n, b in zip(out_channels, bias)]
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(x), [cast(w) for w in ws], [cast(b) for b in bs]
+make = temporal_proj_inputs
 
 
 def f64(ts):
@@ -51,12 +40,7 @@ def f64(ts):
 
 
 def assert_rule(out, ref64, torch_lp, what=""):
-    """|out - ref64| <= 2 |torch_lp - ref64| + floor (max norms), floor = 4 ulp of the output scale."""
-    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
-    base = (torch_lp.double() - ref64).abs().max().item() if out.numel() else 0.0
-    scale = ref64.abs().max().item() if out.numel() else 0.0
-    floor = 4 * torch.finfo(out.dtype).eps * max(scale, 1e-30)
-    assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 x torch's {base:.3g} + floor {floor:.3g}"
+    assert_by_rule(out, ref64, torch_lp, what)
 
 
 def check_forward(x, ws, bs):
@@ -222,10 +206,10 @@ def _bad_cases():
         ("dtype", lambda: temporal_proj(x, [ws[0].double()]), TypeError, r"weights\[0\] has dtype torch.float64 but x has torch.float32"),
         ("int x", lambda: temporal_proj(x.long(), ws), TypeError, r"x must be fp16, bf16, fp32 or fp64"),
         ("no out channels", lambda: temporal_proj(x, [torch.randn(0, 5, 3, 1, 1)]), ValueError, r"weights\[0\] has no output channels"),
-        ("packed op weight", lambda: torch.ops.stssa.temporal_proj(x, torch.randn(9, 5), None, [4], [3]), ValueError,
-         r"weight must be the packed \[sum kt_i\*C_out_i, C\] = \[12, 5\]"),
-        ("packed op even kt", lambda: torch.ops.stssa.temporal_proj(x, torch.randn(8, 5), None, [4], [2]), ValueError,
-         r"kernel_sizes must be odd"),
+        ("op weight", lambda: torch.ops.stssa.temporal_proj(x, [torch.randn(4, 6, 3, 1, 1)], [None]), ValueError,
+         r"stssa::temporal_proj: weights\[0\] must be \[C_out > 0, C=5, odd kt, 1, 1\]"),
+        ("op even kt", lambda: torch.ops.stssa.temporal_proj(x, [torch.randn(4, 5, 2, 1, 1)], [None]), ValueError,
+         r"odd kt"),
         ("module even kt", lambda: TemporalProjection(5, [4], [4]), ValueError, r"kernel_sizes must be odd"),
         ("backend name", lambda: use_backend("cudnn").__enter__(), ValueError, r"unknown backend 'cudnn'"),
     ]
@@ -239,88 +223,89 @@ def test_bad_input_raises_clear_error(case):
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library integration
+# torch.library integration: one path, opcheck, compile, autocast
 # ------------------------------------------------------------------------------------------------
-def test_opcheck():
-    x, ws, bs = make(C=3, T=3, H=2, W=2, out_channels=(2, 3), kernel_sizes=(3, 1), bias=(True, False))
-    wp, bp = pack_weights(ws), pack_biases(bs, ws)
-    args = (x.requires_grad_(), wp.detach().requires_grad_(), bp.detach().requires_grad_(), [2, 3], [3, 1])
-    torch.library.opcheck(torch.ops.stssa.temporal_proj.default, args)
-    gy = torch.randn(2, 3, 2, 2, 5)
-    torch.library.opcheck(torch.ops.stssa._temporal_proj_backward.default,
-                          (gy, x.detach(), wp.detach(), [2, 3], [3, 1], [True, False, True]))
+_SAMPLES = list(temporal_proj_sample_inputs("cpu"))
 
 
-def test_compile_fullgraph():
-    """fullgraph capture of validation, packing, the op, its fake kernel, the backward op and the
-    split into views (aot_eager: the same graphs inductor gets, without its C++ build time)."""
-    x, ws, bs = make(C=4, T=5, out_channels=(3, 4, 2), kernel_sizes=(7, 1, 3), bias=(True, False, True))
+@pytest.mark.parametrize("sample", _SAMPLES, ids=repr)
+@pytest.mark.parametrize("backend", [None] + CPU_BACKENDS)
+def test_samples_by_rule(sample, backend):
+    x, ws, bs = sample.args
+    with use_backend(backend):
+        check_forward(x, ws, bs)
+        check_backward(x, ws, bs)
+
+
+@pytest.mark.parametrize("sample", _SAMPLES, ids=repr)
+def test_opcheck(sample):
+    x, ws, bs = sample.args
+    torch.library.opcheck(torch.ops.stssa.temporal_proj.default, (x, ws, bs))
+    y = torch.ops.stssa.temporal_proj(x, ws, bs)
+    for mask in ([True, True, True], [False, True, False], [True, False, False]):
+        torch.library.opcheck(torch.ops.stssa._temporal_proj_backward.default, (torch.randn_like(y), x, ws, mask))
+
+
+@pytest.mark.parametrize("sample", _SAMPLES[:2], ids=repr)
+def test_compile_fullgraph(sample):
+    """fullgraph capture of validation, the autograd.Function, both ops' fake kernels and the split into
+    views (aot_eager: the same graphs inductor gets, without its C++ build time)."""
+    x, ws, bs = sample.args
     fn = torch.compile(lambda x, ws, bs: temporal_proj(x, ws, bs), fullgraph=True, backend="aot_eager")
     xs = x.clone().requires_grad_()
-    out = fn(xs, ws, bs)
+    wsc = [w.clone().requires_grad_() for w in ws]
+    out = fn(xs, wsc, bs)
     for o, r in zip(out, temporal_proj_ref(x, ws, bs)):
         torch.testing.assert_close(o, r)
     sum((o * (i + 1)).sum() for i, o in enumerate(out)).backward()
     x2 = x.clone().requires_grad_()
-    sum((o * (i + 1)).sum() for i, o in enumerate(temporal_proj_ref(x2, ws, bs))).backward()
+    w2 = [w.clone().requires_grad_() for w in ws]
+    sum((o * (i + 1)).sum() for i, o in enumerate(temporal_proj_ref(x2, w2, bs))).backward()
     torch.testing.assert_close(xs.grad, x2.grad)
+    for a, b in zip(wsc, w2):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_eager_path_matches_registered_op(backend):
-    """Plain eager calls skip the custom_op wrappers (one autograd.Function over the same
-    implementations); outputs and every gradient equal the registered op's bit for bit."""
-    x, ws, bs = make(C=6, T=5, out_channels=(3, 4, 2), kernel_sizes=(7, 1, 3), bias=(True, False, True))
-    oc, ks = [3, 4, 2], [7, 1, 3]
-    gy = torch.randn(2, 5, 3, 2, 9, generator=torch.Generator().manual_seed(2))
-    runs = []
-    with use_backend(backend):
-        for eager in (True, False):
-            leaves = [t.detach().clone().requires_grad_() for t in (x, pack_weights(ws), pack_biases(bs, ws))]
-            if eager:
-                y = tp_ops._TemporalProjFunction.apply(*leaves, oc, ks)
-                assert tp_ops.plain_eager(leaves)
-            else:
-                y = torch.ops.stssa.temporal_proj(*leaves, oc, ks)
-            y.backward(gy)
-            runs.append([y.detach()] + [t.grad for t in leaves])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+def test_one_execution_path():
+    """Eager forward and backward run the two registered ops (one autograd.Function connects them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
 
-def test_eager_path_only_where_nothing_else_looks(monkeypatch):
-    calls = []
-    real = tp_ops._TemporalProjFunction.apply
-    monkeypatch.setattr(tp_ops._TemporalProjFunction, "apply", lambda *a: calls.append(1) or real(*a))
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "stssa":
+                self.ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
     x, ws, bs = make(C=4, T=3, out_channels=(2, 2), kernel_sizes=(3, 1))
-    expect = temporal_proj(x, ws, bs)
-    assert len(calls) == 1
-    with torch.device("cpu"):  # a TorchFunctionMode
-        for o, e in zip(temporal_proj(x, ws, bs), expect):
-            torch.testing.assert_close(o, e)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert temporal_proj(x, ws, bs)[0].dtype == torch.bfloat16  # the op's autocast rule ran
-    assert len(calls) == 1
+    ws = [w.requires_grad_() for w in ws]
+    with Log() as log:
+        sum(o.sum() for o in temporal_proj(x, ws, bs)).backward()
+    assert log.ops == ["temporal_proj", "_temporal_proj_backward"]
 
 
-def test_eager_double_backward_names_the_op():
+def test_double_backward_is_a_clear_error():
     x, ws, bs = make(C=4, T=3, out_channels=(2,), kernel_sizes=(3,))
     x.requires_grad_()
-    (dx,) = torch.autograd.grad(temporal_proj(x, ws, bs)[0].square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="_temporal_proj_backward"):
-        dx.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(temporal_proj(x, ws, bs)[0].square().sum(), x, create_graph=True)
 
 
-def test_autocast_cpu_bf16():
-    """Under CPU autocast the op runs in bf16 like conv3d does, and grads reach the fp32 leaves."""
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_autocast_cpu_follows_the_autocast_dtype(amp):
+    """Under CPU autocast the op runs in the current autocast dtype (fp16 or bf16) like conv3d does,
+    and grads reach the fp32 leaves in fp32."""
     x, ws, bs = make(C=8, T=6, out_channels=(8, 16), kernel_sizes=(7, 1), bias=(True, True))
     ws = [w.requires_grad_() for w in ws]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=amp):
         out = temporal_proj(x, ws, bs)
         lp = temporal_proj_ref(x, ws, bs)
     ref = temporal_proj_ref(x.double(), f64(ws), f64(bs))
     for o, l, r in zip(out, lp, ref):
-        assert o.dtype == l.dtype == torch.bfloat16
+        assert o.dtype == l.dtype == amp
         assert_rule(o, r, l, "autocast out")
     sum(o.float().sum() for o in out).backward()
     assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws)
@@ -349,19 +334,29 @@ def test_module_matches_conv3d_modules():
     assert TemporalProjection(6, [4], [3], bias=False).biases is None
 
 
+def _pick(device, cc, dtype, aligned=True, interpret=False, threads=1):
+    return tp_ops.DISPATCH.select(tp_ops.TemporalProjProblem(device, cc, dtype, interpret, aligned, threads)).backend
+
+
 def test_dispatch_table():
-    assert select_backend(torch.zeros(1, 16, 2, 1, 1), [16]).backend == "gemm"  # CPU, 1 thread (fixture)
-    assert route("cpu", 0, torch.float32, True, False, threads=1).backend == "gemm"
-    assert route("cpu", 0, torch.float32, True, False, threads=2).backend == "conv_kt"
-    assert route("cpu", 0, torch.float32, True, True).backend == "triton"
-    assert route("cpu", 0, torch.bfloat16, True, True).backend == "gemm"  # interpreter has no bf16
-    assert route("cuda", 75, torch.float16, True, False).backend == "conv_kt"  # sm_75: tl.dot -> FFMA
-    assert route("cuda", 80, torch.float16, True, False).backend == "triton"
-    assert route("cuda", 90, torch.bfloat16, True, False).backend == "triton"
-    assert route("cuda", 90, torch.bfloat16, False, False).backend == "gemm"  # unaligned channels
-    assert route("cuda", 90, torch.float32, True, False).backend == "gemm"
-    for r in tp_ops.DISPATCH:
+    assert tp_ops.select(torch.zeros(1, 16, 2, 1, 1), [16]).backend == "gemm"  # CPU, 1 thread (fixture)
+    assert _pick("cpu", 0, torch.float32, threads=1) == "gemm"
+    assert _pick("cpu", 0, torch.float32, threads=2) == "conv_kt"
+    assert _pick("cpu", 80, torch.bfloat16, interpret=True) == "gemm"  # interpreter has no bf16
+    assert _pick("cuda", 75, torch.float16) == "conv_kt"  # sm_75: tl.dot -> FFMA
+    assert _pick("cuda", 90, torch.bfloat16, aligned=False) == "gemm"  # unaligned channels
+    assert _pick("cuda", 90, torch.float32) == "gemm"
+    for r in tp_ops.DISPATCH.rules:
         assert r.why, "every table row says why"
+    text = tp_ops.explain(torch.zeros(1, 16, 2, 1, 1), [16], verbose=True)
+    assert "rule 0 [triton] skipped: TRITON_INTERPRET=1 is not set" in text
+
+
+@pytest.mark.skipif(tp_ops._arch.triton_missing("temporal_proj") is not None, reason="needs triton")
+def test_dispatch_table_triton():
+    assert _pick("cpu", 80, torch.float32, interpret=True) == "triton"
+    assert _pick("cuda", 80, torch.float16) == "triton"
+    assert _pick("cuda", 90, torch.bfloat16) == "triton"
 
 
 def test_channel_alignment_predicate():
@@ -378,12 +373,11 @@ def test_channel_alignment_predicate():
 def _gpu_backends():
     if not torch.cuda.is_available():
         return []
-    cc = tp_ops._cc(torch.device("cuda"))
-    return (["triton"] if cc >= 80 and tp_ops._tk is not None else []) + ["gemm", "conv", "conv_kt"]
+    cc = tp_ops._arch.capability(torch.device("cuda"))
+    return (["triton"] if cc >= 80 and tp_ops._arch.triton_missing("temporal_proj") is None else []) + CPU_BACKENDS
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [
     dict(B=2, C=64, T=8, H=7, W=7, out_channels=(32, 32, 64, 32, 32, 64)),      # aligned (Triton on sm_80+)
@@ -402,12 +396,11 @@ def test_gpu_backends_by_rule(dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_dispatch_and_channels_last():
     x, ws, bs = make(B=2, C=64, T=4, H=3, W=3, out_channels=(32, 48), kernel_sizes=(7, 1), dtype=torch.float16,
                      device="cuda")
-    expect = "triton" if tp_ops._cc(x.device) >= 80 and tp_ops._tk is not None else "conv_kt"
-    assert select_backend(x, [32, 48]).backend == expect
+    expect = "triton" if tp_ops._arch.capability(x.device) >= 80 else "conv_kt"
+    assert tp_ops.select(x, [32, 48]).backend == expect
     check_forward(x.contiguous(memory_format=torch.channels_last_3d), ws, bs)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = temporal_proj(x.float(), [w.float() for w in ws], [b.float() for b in bs])

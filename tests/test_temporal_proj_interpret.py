@@ -9,21 +9,51 @@ bf16 is not simulated by the interpreter; the GPU tests cover it.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from _numerics import assert_by_rule, check_against_float64
+from _samples import STSSA_KT, temporal_proj_inputs as make
+from _samples import layout as to_layout
+from conftest import INTERPRETING
+
 pytestmark = pytest.mark.interpret
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (make test-interpret)",
-                allow_module_level=True)
+if INTERPRETING:
+    from stssa_kernels import temporal_proj
+    from stssa_kernels.ops import _arch
+    from stssa_kernels.ops import temporal_proj as tp_ops
+    from stssa_kernels.reference import temporal_proj_ref
 
-from stssa_kernels.ops import temporal_proj as tp_ops  # noqa: E402
-from stssa_kernels.ops.temporal_proj import select_backend, use_backend  # noqa: E402
 
-from test_temporal_proj import STSSA_KT, _layouts, check_backward, check_forward, make  # noqa: E402
+def check_forward(x, ws, bs):
+    out = temporal_proj(x, ws, bs)
+    ref = temporal_proj_ref(x.double(), [w.double() for w in ws], [b.double() if b is not None else None for b in bs])
+    for i, (o, r, l) in enumerate(zip(out, ref, temporal_proj_ref(x, ws, bs))):
+        assert_by_rule(o, r, l, f"out[{i}]")
+
+
+def check_backward(x, ws, bs):
+    """Gradients of x, every weight and every bias by the 2x rule (all outputs flattened into one)."""
+    n, has_b = len(ws), [b is not None for b in bs]
+
+    def flat(fn):
+        def run(x, *params):
+            it = iter(params[n:])
+            out = fn(x, list(params[:n]), [next(it) if h else None for h in has_b])
+            return torch.cat([o.flatten() for o in out])
+        return run
+
+    names = ["x"] + [f"weights[{i}]" for i in range(n)] + [f"biases[{i}]" for i, h in enumerate(has_b) if h]
+    check_against_float64(flat(temporal_proj), flat(temporal_proj_ref), [x, *ws, *(b for b in bs if b is not None)],
+                          names)
+
+
+def _layouts(x):
+    cl_big = torch.randn(x.shape[0], x.shape[2], x.shape[3], x.shape[4] * 2, x.shape[1], dtype=x.dtype)
+    cl_sliced = cl_big[:, :, :, ::2].permute(0, 4, 1, 2, 3)  # channel stride 1, other strides odd
+    cl_sliced.copy_(x)
+    return {"contiguous": x, "channels_last_3d": to_layout(x, "channels_last"), "channels_last_sliced": cl_sliced}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,9 +66,9 @@ def _one_cpu_thread():
 
 def test_dispatch_uses_triton_under_interpreter():
     x, ws, _ = make()
-    assert select_backend(x, [4]).backend == "triton"
-    assert select_backend(x.double(), [4]).backend == "gemm"  # the interpreter has no fp64 dot
-    assert tp_ops._tk.pick_config(None, 5, [4]).name == "small"
+    assert tp_ops.select(x, [4]).backend == "triton"
+    assert tp_ops.select(x.double(), [4]).backend == "gemm"  # the interpreter has no fp64 dot
+    assert _arch.triton_kernels("temporal_proj").pick_config(None, 5, [4]).name == "small"
 
 
 @pytest.mark.parametrize("T,kt", [(1, 7), (2, 3), (3, 7), (4, 1), (8, 7)])
@@ -74,8 +104,8 @@ def test_triton_equals_gemm_backend():
     x = x.requires_grad_()
     outs, grads = {}, {}
     for backend in ("triton", "gemm"):
-        with use_backend(backend):
-            out = tp_ops.temporal_proj(x, ws, bs)
+        with tp_ops.DISPATCH.force(backend):
+            out = temporal_proj(x, ws, bs)
             outs[backend] = out
             grads[backend] = torch.autograd.grad(sum((o * o).sum() for o in out), [x])[0]
     for a, b in zip(outs["triton"], outs["gemm"]):

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .heads import BaselineHead, STSSAHead
 from .i3d import I3D, I3DConfig
+from .ops import set_fused
 
 
 class ActionDetector(nn.Module):
@@ -26,7 +27,7 @@ class ActionDetector(nn.Module):
 
     def set_fused(self, use_fused: bool) -> "ActionDetector":
         """Switch between the fused ``stssa_kernels`` ops and the plain-PyTorch reference (same parameters)."""
-        self.head.set_fused(use_fused)
+        set_fused(self, use_fused)
         return self
 
     def forward(self, clips: Tensor, rois: Tensor) -> Tensor:

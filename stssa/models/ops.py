@@ -1,44 +1,49 @@
-"""The two implementations the heads can run: the fused ``stssa_kernels`` ops or their plain-PyTorch
-references (``stssa_kernels.reference``: Conv3d, permute + bmm + softmax, torchvision ``roi_align`` with
-time folded into the batch).
+"""The two implementations the model layer runs, by plain imports: the fused ``stssa_kernels`` ops or their
+plain-PyTorch references (``stssa_kernels.reference``: Conv3d, permute + bmm + softmax, torchvision
+``roi_align`` with time folded into the batch). Both take the same arguments and the same parameters, so
+``use_fused=False`` is the reference the fused model is tested against.
 
-Both take the same arguments and the same parameters, so ``use_fused=False`` is the reference the fused
-model is tested against. The functions are looked up when a head runs, not at import, so a build
-that lacks one of the fused ops still constructs models and runs the reference path; asking for the
-missing fused op raises an error that names it.
+One mechanism across the modules: every module that can run either way carries a boolean ``use_fused``
+attribute (constructor argument ``use_fused=True``) and looks its ops up with ``get_op(name,
+self.use_fused)`` (or ``ops(self.use_fused)``) when it runs; :func:`set_fused` switches a whole model, as
+``module.train()`` does for training mode.
 """
 from __future__ import annotations
 
-import importlib
+from types import SimpleNamespace
 from typing import Callable
 
-_FUSED = {"roi_align3d": "stssa_kernels", "attention3d": "stssa_kernels", "temporal_proj": "stssa_kernels"}
-_REFERENCE = {"roi_align3d": "roi_align3d_ref", "attention3d": "attention3d_ref", "temporal_proj": "temporal_proj_ref"}
+from torch import nn
+
+from stssa_kernels import attention3d, roi_align3d, temporal_proj
+from stssa_kernels.reference import attention3d_ref, roi_align3d_ref, temporal_proj_ref
+
+FUSED = SimpleNamespace(roi_align3d=roi_align3d, attention3d=attention3d, temporal_proj=temporal_proj)
+REFERENCE = SimpleNamespace(roi_align3d=roi_align3d_ref, attention3d=attention3d_ref, temporal_proj=temporal_proj_ref)
+
+
+def ops(fused: bool) -> SimpleNamespace:
+    """The op set: ``ops(True).attention3d is stssa_kernels.attention3d``;
+    ``ops(False).attention3d is stssa_kernels.reference.attention3d_ref``."""
+    return FUSED if fused else REFERENCE
 
 
 def get_op(name: str, fused: bool) -> Callable:
-    """``get_op("attention3d", fused=True)`` -> ``stssa_kernels.attention3d``;
-    ``fused=False`` -> ``stssa_kernels.reference.attention3d_ref``."""
-    if fused:
-        mod = importlib.import_module(_FUSED[name])
-        fn = getattr(mod, name, None)
-        if fn is None:
-            raise RuntimeError(f"stssa_kernels.{name} is not available in this build of stssa_kernels; "
-                               "run the model with use_fused=False (the plain-PyTorch reference path)")
-        return fn
-    # The per-op module, not the package: the reference of an op is usable as soon as its file exists.
+    """``get_op("attention3d", fused=True)`` -> ``stssa_kernels.attention3d`` (``fused=False``: its reference)."""
     try:
-        fn = getattr(importlib.import_module(f"stssa_kernels.reference.{name}"), _REFERENCE[name], None)
-    except ImportError:
-        fn = None
-    if fn is None:
-        raise RuntimeError(f"stssa_kernels.reference.{_REFERENCE[name]} is not available in this build")
-    return fn
+        return getattr(ops(fused), name)
+    except AttributeError:
+        raise ValueError(f"unknown op {name!r}; the model layer runs {sorted(vars(FUSED))}") from None
 
 
 def available(name: str, fused: bool) -> bool:
-    try:
-        get_op(name, fused)
-        return True
-    except RuntimeError:
-        return False
+    """Whether the op set has an op of this name."""
+    return hasattr(ops(fused), name)
+
+
+def set_fused(module: nn.Module, use_fused: bool) -> nn.Module:
+    """Set ``use_fused`` on ``module`` and every submodule that has the attribute; returns ``module``."""
+    for m in module.modules():
+        if hasattr(m, "use_fused") and not isinstance(getattr(type(m), "use_fused", None), property):
+            m.use_fused = bool(use_fused)
+    return module

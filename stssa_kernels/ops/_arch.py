@@ -26,9 +26,14 @@ INTERPRET_ARCH = 80
 _assumed: Optional[int] = None
 
 
+# read once: triton reads it when it is imported, so it must be set before that (and before this import)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET=1`` (the Triton kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether ``TRITON_INTERPRET=1`` was set when stssa_kernels was imported (the Triton kernels then
+    run on CPU tensors)."""
+    return _INTERPRET
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +48,7 @@ def capability(device: torch.device) -> int:
         if _assumed is not None:
             return _assumed
         return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRET_ARCH if interpreting() else 0
+    return INTERPRET_ARCH if _INTERPRET else 0
 
 
 def family(cc: int) -> int:

@@ -161,7 +161,8 @@ def _problem(q: Tensor, v: Tensor, axis: str, heads: int) -> Attention3dProblem:
 def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1):
     """The dispatch decision (a :class:`~stssa_kernels.ops._dispatch.Choice`) for these inputs: a pure
     function of device, arch, dtype and shapes (and of ``DISPATCH.force``)."""
-    key = (q.device, _arch.capability(q.device), q.dtype, _arch.interpreting(), tuple(q.shape), v.shape[1], axis, heads)
+    dev = q.device
+    key = (dev, _arch.capability(dev), q.dtype, q.shape, v.shape[1], axis, heads)
     return DISPATCH.select_cached(key, lambda: _problem(q, v, axis, heads))
 
 
@@ -303,7 +304,7 @@ def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
         dk = dk_b if dk is None else dk.add_(dk_b)
     dgamma = None
     if gamma is not None:
-        g = gamma.to(ct)
+        g = gamma if gamma.dtype == ct else gamma.to(ct)
         dgamma = (vs * dv).sum(dtype=torch.float64)
         dv.mul_(g)
         alpha = g * scale
@@ -453,8 +454,15 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
             _unit_last(dos), qs, ks, vs, _unit_last(os_), lse, 0.0, False, scale=scale)
     else:
         dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma, saved[-1] if last else None)
-    grads = [_write_back(torch.empty_like(x), g, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))]
-    return (*grads, dgamma)
+    return (*(_grad_map(g, x, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))), dgamma)
+
+
+def _grad_map(g_seq: Tensor, x: Tensor, axis: str, heads: int) -> Tensor:
+    """The gradient of ``x`` from its sequence-layout gradient: for one head, a view of it (as autograd
+    would hand back for the permute/bmm composition: no copy); heads merge channels, so one copy."""
+    if heads == 1:
+        return _seq_as_map(g_seq, axis, x.shape, 1)
+    return _write_back(torch.empty_like(x), g_seq, axis, heads)
 
 
 def _sdpa_forward(q, k, v, axis, heads, scale, residual, gamma):
@@ -509,7 +517,9 @@ def _backward_impl(c, grad_out, q, k, v, out, lse, saved, axis, heads, scale, ga
     else:
         dq, dk, dv, dg = _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma,
                                          c.backend == "torch_flash")
-    return dq, dk, dv, (dg.reshape(gamma.shape).to(gamma.dtype) if gamma is not None else None)
+    if gamma is not None and (dg.shape != gamma.shape or dg.dtype != gamma.dtype):
+        dg = dg.reshape(gamma.shape).to(gamma.dtype)
+    return dq, dk, dv, (dg if gamma is not None else None)
 
 
 def _attention3d_kernel(q, k, v, axis, heads, scale, residual, gamma):
@@ -536,6 +546,9 @@ def _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads
 
 
 def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma):
+    c = select(q, k, v, axis, heads)
+    if c.backend in ("torch_math", "torch_flash"):  # their gradients' strides follow the sequence layout
+        return _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma)
     dgamma = torch.empty_like(gamma) if gamma is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
 

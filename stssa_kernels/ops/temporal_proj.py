@@ -411,7 +411,9 @@ def _unpack_weight_grads(dwp: Tensor, weights: Sequence[Tensor]) -> list:
     out, row = [], 0
     for w in weights:
         n, C, kt = w.shape[0], w.shape[1], w.shape[2]
-        out.append(dwp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0).contiguous().view(n, C, kt, 1, 1))
+        # a fresh tensor each (op outputs may not alias each other)
+        out.append(dwp[row:row + kt * n].view(kt, n, C).permute(1, 2, 0).clone(memory_format=torch.contiguous_format)
+                   .view(n, C, kt, 1, 1))
         row += kt * n
     return out
 
