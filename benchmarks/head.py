@@ -90,7 +90,8 @@ def dispatch_notes(head, feats, rois) -> dict:
             x = head.roi_features(feats, rois)
             blk = head.blocks[0]
             convs = blk._convs()
-            notes["temporal_proj"] = tp.select_backend(x, [c.out_channels for c in convs]).backend
+            notes["temporal_proj"] = tp.select(x, [c.out_channels for c in convs],
+                                               [c.kernel_size[0] for c in convs]).backend
             q = x.new_empty((x.shape[0], blk.proj["slow"]["q"].out_channels) + tuple(x.shape[2:]))
             for axis in ("spatial", "temporal"):
                 notes[f"attention3d_{axis}"] = a3.explain(q, q, x, axis, 1)

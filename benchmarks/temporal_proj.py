@@ -78,20 +78,73 @@ def methods(ws, bs, backends):
         cw, cb = cw or cat_w, cb or cat_b
         return [F.conv3d(x, cw[k], cb[k], padding=(k // 2, 0, 0)) for k in cw]
 
-    def forced(b):
-        def f(x, ws, bs):
-            with tp_ops.use_backend(b):
-                return stssa_kernels.temporal_proj(x, ws, bs)
-        return f
-
     ms = {"fused": stssa_kernels.temporal_proj}
-    ms.update({f"fused[{b}]": forced(b) for b in backends})
+    ms.update({f"fused[{b}]": stssa_kernels.temporal_proj for b in backends})  # run inside DISPATCH.force(b)
     ms["six_conv"] = temporal_proj_ref
     ms["conv_per_kt"] = conv_per_kt
     # fwd+bwd of conv_per_kt differentiates its concatenated (leaf) weights, as a model storing them so would
     leaf_w = {k: v.clone().requires_grad_() for k, v in cat_w.items()}
     leaf_b = {k: v.clone().requires_grad_() for k, v in cat_b.items()}
     return ms, (conv_per_kt, leaf_w, leaf_b)
+
+
+def _forced(backend, fn):
+    if backend is None:
+        return fn()
+    with tp_ops.DISPATCH.force(backend):
+        return fn()
+
+
+#: per-call overhead at tiny sizes, 1 thread (issue #11 item 1): one projection vs one conv3d, and the
+#: STSSA six vs six conv3d; forward within 2x, forward+backward at parity or better is the target
+TINY = {"tiny_one_kt3": dict(B=1, C=8, T=4, H=3, W=3, out=[8], kt=[3]),
+        "tiny_stssa_six": dict(B=1, C=8, T=4, H=3, W=3, out=[8] * 6, kt=KT)}
+
+
+def tiny_overhead(rounds: int = 21, calls: int = 100) -> dict:
+    """temporal_proj vs one conv3d per projection at TINY, one thread: us per call (median of
+    interleaved rounds), forward (no grad) and forward+backward."""
+    import statistics
+    import time
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    out = {}
+    try:
+        for name, s in TINY.items():
+            x = torch.randn(s["B"], s["C"], s["T"], s["H"], s["W"], generator=gen, requires_grad=True)
+            ws = [torch.randn(n, s["C"], k, 1, 1, generator=gen, requires_grad=True) for n, k in zip(s["out"], s["kt"])]
+            bs = [torch.randn(n, generator=gen, requires_grad=True) for n in s["out"]]
+            gys = [torch.randn(s["B"], n, s["T"], s["H"], s["W"], generator=gen) for n in s["out"]]
+            for mode in ("fwd", "fwd+bwd"):
+                fns = {"temporal_proj": lambda: stssa_kernels.temporal_proj(x, ws, bs),
+                       "conv3d_each": lambda: temporal_proj_ref(x, ws, bs)}
+                if mode == "fwd":
+                    fns = {k: (lambda f=f: _no_grad(f)) for k, f in fns.items()}
+                else:
+                    fns = {k: (lambda f=f: torch.autograd.backward(f(), gys)) for k, f in fns.items()}
+                times = {k: [] for k in fns}
+                for f in fns.values():
+                    for _ in range(20):
+                        f()
+                for _ in range(rounds):
+                    for k, f in fns.items():
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            f()
+                        times[k].append((time.perf_counter() - t0) / calls * 1e6)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                out[f"{name}/{mode}"] = dict(temporal_proj_us=med["temporal_proj"], conv3d_each_us=med["conv3d_each"],
+                                             ratio=med["temporal_proj"] / med["conv3d_each"], shape=s, threads=1,
+                                             dispatch=tp_ops.explain(x, s["out"], s["kt"]))
+    finally:
+        torch.set_num_threads(prev)
+    return out
+
+
+def _no_grad(f):
+    with torch.no_grad():
+        return f()
 
 
 def run(args):
@@ -103,7 +156,8 @@ def run(args):
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     names = args.shapes.split(",") if args.shapes else list(shapes)
     backends = ["gemm", "conv", "conv_kt"]
-    if device.type == "cuda" and tp_ops._tk is not None and tp_ops._cc(device) >= 80 and dtype != torch.float32:
+    if device.type == "cuda" and tp_ops._arch.triton_missing("temporal_proj") is None \
+            and tp_ops._arch.capability(device) >= 80 and dtype != torch.float32:
         backends.insert(0, "triton")
     peak = info.get("peak_tflops_fp16") if dtype in (torch.float16, torch.bfloat16) else None
     print(f"device: {info['name']}" + (f" ({info['threads']} threads)" if device.type == "cpu" else "")
@@ -113,7 +167,7 @@ def run(args):
     for sname in names:
         s = shapes[sname]
         x, ws, bs = make_inputs(s, device, dtype, gen)
-        route = tp_ops.select_backend(x, s["out"])
+        route = tp_ops.select(x, s["out"], KT)
         routes[sname] = {"backend": route.backend, "why": route.why}
         print(f"\n{sname}: {s}  -> dispatched backend '{route.backend}' ({route.why})", flush=True)
         flop = 2 * s["B"] * s["T"] * s["H"] * s["W"] * s["C"] * sum(k * n for k, n in zip(KT, s["out"]))
@@ -127,12 +181,13 @@ def run(args):
         for mode in ("fwd", "fwd+bwd"):
             fns = {}
             for name, f in ms.items():
+                b = name[6:-1] if name.startswith("fused[") else None  # forward and backward on backend b
                 if mode == "fwd":
-                    fns[name] = (lambda f=f: f(x, ws, bs))
+                    fns[name] = (lambda f=f, b=b: _forced(b, lambda: f(x, ws, bs)))
                 elif name == "conv_per_kt":
                     fns[name] = (lambda: torch.autograd.backward(cpk(xr, None, None, leaf_w, leaf_b), gys_kt))
                 else:
-                    fns[name] = (lambda f=f: torch.autograd.backward(f(xr, wr, br), gys))
+                    fns[name] = (lambda f=f, b=b: _forced(b, lambda: torch.autograd.backward(f(xr, wr, br), gys)))
             with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                 res = interleaved(fns, device, args.warmup, args.repeats)
             mult = 1 if mode == "fwd" else 3
@@ -151,6 +206,11 @@ def run(args):
                   f" | conv_per_kt x{best_single / fused:.2f}", flush=True)
             for t in (xr, *wr, *br, *leaf_w.values(), *leaf_b.values()):
                 t.grad = None
+    tiny = tiny_overhead() if device.type == "cpu" else None
+    if tiny:
+        print("\ntiny problems, 1 thread: temporal_proj / one conv3d per projection")
+        for k, v in tiny.items():
+            print(f"  {k:24s} {v['temporal_proj_us']:.1f} us vs {v['conv3d_each_us']:.1f} us -> {v['ratio']:.2f}x")
     print()
     print_table(rows, [("shape", "shape"), ("mode", "mode"), ("method", "method"), ("backend", "backend"),
                        ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("peak_frac", "of peak"),
@@ -160,7 +220,8 @@ def run(args):
         "reduced_cpu_shapes": device.type == "cpu", "repeats": args.repeats, "warmup": args.warmup,
         "timing": "median of round-robin interleaved calls, device synchronised",
         "flops": "2*B*T*H*W*C*sum(kt_i*C_out_i) forward, x3 for fwd+bwd",
-        "peak_tflops_matrix": peak, "dispatch": routes, "rows": rows})
+        "peak_tflops_matrix": peak, "dispatch": routes, "rows": rows, "tiny_overhead": tiny,
+        "machine": args.machine_note})
     print(f"\nwrote {path}")
 
 
@@ -174,6 +235,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. 1thread)")
+    ap.add_argument("--machine-note", default="", help="saved in the JSON (e.g. 'shared with other jobs')")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     args.dtype = args.dtype or ("fp32" if cpu else "fp16")

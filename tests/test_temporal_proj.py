@@ -334,12 +334,15 @@ def test_module_matches_conv3d_modules():
     assert TemporalProjection(6, [4], [3], bias=False).biases is None
 
 
-def _pick(device, cc, dtype, aligned=True, interpret=False, threads=1):
-    return tp_ops.DISPATCH.select(tp_ops.TemporalProjProblem(device, cc, dtype, interpret, aligned, threads)).backend
+def _pick(device, cc, dtype, aligned=True, interpret=False, threads=1, macs=1 << 30):
+    return tp_ops.DISPATCH.select(tp_ops.TemporalProjProblem(device, cc, dtype, interpret, aligned, threads,
+                                                             macs)).backend
 
 
 def test_dispatch_table():
-    assert tp_ops.select(torch.zeros(1, 16, 2, 1, 1), [16]).backend == "gemm"  # CPU, 1 thread (fixture)
+    assert tp_ops.select(torch.zeros(1, 16, 2, 1, 1), [16], [3]).backend == "conv_kt"  # small problem
+    assert tp_ops.select(torch.zeros(8, 256, 8, 7, 7), [256], [7]).backend == "gemm"  # CPU, 1 thread (fixture)
+    assert _pick("cpu", 0, torch.float32, threads=1, macs=1000) == "conv_kt"
     assert _pick("cpu", 0, torch.float32, threads=1) == "gemm"
     assert _pick("cpu", 0, torch.float32, threads=2) == "conv_kt"
     assert _pick("cpu", 80, torch.bfloat16, interpret=True) == "gemm"  # interpreter has no bf16
@@ -348,7 +351,7 @@ def test_dispatch_table():
     assert _pick("cuda", 90, torch.float32) == "gemm"
     for r in tp_ops.DISPATCH.rules:
         assert r.why, "every table row says why"
-    text = tp_ops.explain(torch.zeros(1, 16, 2, 1, 1), [16], verbose=True)
+    text = tp_ops.explain(torch.zeros(1, 16, 2, 1, 1), [16], [3], verbose=True)
     assert "rule 0 [triton] skipped: TRITON_INTERPRET=1 is not set" in text
 
 
@@ -400,7 +403,7 @@ def test_gpu_dispatch_and_channels_last():
     x, ws, bs = make(B=2, C=64, T=4, H=3, W=3, out_channels=(32, 48), kernel_sizes=(7, 1), dtype=torch.float16,
                      device="cuda")
     expect = "triton" if tp_ops._arch.capability(x.device) >= 80 else "conv_kt"
-    assert tp_ops.select(x, [32, 48]).backend == expect
+    assert tp_ops.select(x, [32, 48], [7, 1]).backend == expect
     check_forward(x.contiguous(memory_format=torch.channels_last_3d), ws, bs)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = temporal_proj(x.float(), [w.float() for w in ws], [b.float() for b in bs])

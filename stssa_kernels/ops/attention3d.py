@@ -558,9 +558,9 @@ _LIB.define("attention3d(Tensor q, Tensor k, Tensor v, str axis, int heads, floa
             "Tensor? gamma) -> (Tensor, Tensor, Tensor[])")
 _LIB.define("_attention3d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
             "Tensor[] saved, str axis, int heads, float scale, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)")
-for _key in ("CPU", "CUDA"):
-    _LIB.impl("attention3d", _attention3d_kernel, _key)
-    _LIB.impl("_attention3d_backward", _attention3d_backward_kernel, _key)
+for _dispatch_key in ("CPU", "CUDA"):
+    _LIB.impl("attention3d", _attention3d_kernel, _dispatch_key)
+    _LIB.impl("_attention3d_backward", _attention3d_backward_kernel, _dispatch_key)
 torch.library.register_fake("stssa::attention3d", _attention3d_fake, lib=_LIB)
 torch.library.register_fake("stssa::_attention3d_backward", _attention3d_backward_fake, lib=_LIB)
 _forward_op = torch.ops.stssa.attention3d.default
