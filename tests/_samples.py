@@ -10,7 +10,7 @@ a model hands the ops: contiguous, ``channels_last_3d`` and a strided slice of a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import Tensor
