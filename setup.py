@@ -92,27 +92,40 @@ def _want_cuda():
     return False, reason
 
 
+# The extension is written against the LibTorch stable ABI (torch/csrc/stable, torch/headeronly) and
+# targets torch 2.10: the headers hide every newer API, and the binary (an abi3 module: Py_LIMITED_API,
+# set by torch's BuildExtension for py_limited_api extensions) loads under any torch >= 2.10 and CPython >= 3.9.
+TORCH_TARGET_VERSION = "0x020a000000000000"  # 2.10
+PY_LIMITED_API_TAG = "cp39"
+
+
 def _extensions():
     cpu_sources = [os.path.join("csrc", "stssa.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch requires (C++17 up to 2.9, C++20 after)
+    target = f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"
+    cxx_flags = ["-O3", target]  # the C++ standard is the one torch requires (C++17 up to 2.9, C++20 after)
     use_cuda, reason = _want_cuda()
     if not use_cuda:
         _log(f"building the CPU kernels only: {reason}")
         return [CppExtension("stssa_kernels._C", cpu_sources, include_dirs=include_dirs,
-                             define_macros=[("STSSA_PYTHON_MODULE", None)],
+                             define_macros=[("STSSA_PYTHON_MODULE", None)], py_limited_api=True,
                              extra_compile_args={"cxx": cxx_flags})]
     archs = os.environ.get("STSSA_CUDA_ARCHS", DEFAULT_ARCHS)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
     _log(f"building CPU and CUDA kernels ({reason}); archs {archs}")
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc_flags = ["-O3", target, "--expt-relaxed-constexpr", "-lineinfo",
                   "--resource-usage" if os.environ.get("STSSA_NVCC_VERBOSE") else ""]
-    return [CUDAExtension("stssa_kernels._C", cpu_sources + cuda_sources,
-                          include_dirs=include_dirs + _wheel_cuda_includes(),
-                          define_macros=[("STSSA_WITH_CUDA", None), ("STSSA_PYTHON_MODULE", None)],
-                          extra_compile_args={"cxx": cxx_flags, "nvcc": [f for f in nvcc_flags if f]})]
-
+    ext = CUDAExtension("stssa_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                        define_macros=[("STSSA_WITH_CUDA", None), ("STSSA_PYTHON_MODULE", None)],
+                        py_limited_api=True,
+                        extra_compile_args={"cxx": cxx_flags, "nvcc": [f for f in nvcc_flags if f]})
+    # Only the stable C shim (libtorch_cpu) and the CUDA runtime are used. Linking libtorch_cuda/libc10_cuda
+    # would stop the module from loading under a CPU-only torch, and a shared libcudart would tie it to
+    # one CUDA major version: link the runtime statically instead.
+    ext.libraries = [lib for lib in ext.libraries if lib not in ("cudart", "c10_cuda", "torch_cuda")]
+    ext.extra_link_args = list(ext.extra_link_args or []) + ["-l:libcudart_static.a", "-lrt", "-ldl", "-lpthread"]
+    return [ext]
 
 setup(
     name="stssa-kernels",
@@ -125,5 +138,6 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API_TAG}},
     zip_safe=False,
 )

@@ -152,5 +152,113 @@ STSSA_HD T weight_on_pixel(T c, int64_t pix, int64_t size) {
   return w;
 }
 
+// Pixel rows (or columns) [*lo, *hi] that the samples of one axis can touch: a superset (callers
+// recompute exact weights). Returns false when no sample of this axis can land on the map.
+template <typename T>
+STSSA_HD bool axis_pixel_span(T start, T bin, T step, int grid, int pooled, int64_t size, int64_t* lo,
+                              int64_t* hi) {
+  if (grid <= 0 || pooled <= 0 || size <= 0) return false;
+  const T a = sample_coord(start, bin, step, 0, 0);
+  const T b = sample_coord(start, bin, step, pooled - 1, grid - 1);
+  const T cmin = a < b ? a : b, cmax = a < b ? b : a;
+  if (!(cmax >= T(-1)) || !(cmin <= static_cast<T>(size))) return false;  // also NaN
+  const T flo = floor(cmin) - T(1), fhi = floor(cmax) + T(2);
+  *lo = flo <= T(0) ? 0 : static_cast<int64_t>(flo);
+  *hi = fhi >= static_cast<T>(size - 1) ? size - 1 : static_cast<int64_t>(fhi);
+  return *lo <= *hi;
+}
+
+// --- deterministic (gather) backward: boxes bucketed by batch index and pixel tile ----------------
+// grad_input pixel (n, c, t, y, x) needs only the boxes of batch n whose samples can reach (y, x).
+// Bucket (n, tb, tile) lists, in roi order, the boxes of batch n that can touch the tile's pixels on box
+// frame tb (tb = t for per-frame boxes, else 0); a gather thread reads only its bucket, so the work
+// is about that of the atomic scatter instead of O(K) per input element. Fixed order -> deterministic.
+
+struct TileGrid {
+  int64_t tile;        // tile side in pixels
+  int64_t ty, tx;      // tiles per column / row
+};
+
+STSSA_HD TileGrid tile_grid(int64_t H, int64_t W, int64_t tile) {
+  return TileGrid{tile, (H + tile - 1) / tile, (W + tile - 1) / tile};
+}
+
+// Writes into list (capacity K) the boxes of bucket (n, tb, tile index), returns how many.
+// rois: [K, n_tb, 5] rows (batch, x1, y1, x2, y2) with n_tb = T for per-frame boxes, else 1.
+template <typename T>
+STSSA_HD int fill_bucket(const T* rois, int64_t K, int64_t n_tb, int64_t n, int64_t tb, int64_t tile_idx,
+                         const TileGrid& tg, int64_t N, int64_t H, int64_t W, T spatial_scale, int ph_n,
+                         int pw_n, int sampling_ratio, bool aligned, int32_t* list) {
+  const int64_t ty0 = (tile_idx / tg.tx) * tg.tile, tx0 = (tile_idx % tg.tx) * tg.tile;
+  const int64_t ty1 = ty0 + tg.tile - 1, tx1 = tx0 + tg.tile - 1;
+  int cnt = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* roi = rois + (k * n_tb + tb) * 5;
+    if (!(roi[0] >= T(0) && roi[0] < static_cast<T>(N)) || static_cast<int64_t>(roi[0]) != n) continue;
+    const auto g = roi_geometry<T>(roi + 1, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
+    int64_t y0, y1, x0, x1;
+    if (!axis_pixel_span(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, &y0, &y1)) continue;
+    if (!axis_pixel_span(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, &x0, &x1)) continue;
+    if (y1 < ty0 || y0 > ty1 || x1 < tx0 || x0 > tx1) continue;
+    list[cnt++] = static_cast<int32_t>(k);
+  }
+  return cnt;
+}
+
+// d(loss)/d input[n, c, t, y, x] from the boxes in `list` (grad read as G, element (k, c, t, ph, pw) at
+// grad[k * gK + c * gC + t * gT + ph * gH + pw * gW]); accumulated in T.
+template <typename T, typename G>
+STSSA_HD T gather_pixel(const T* rois, int64_t n_tb, bool per_frame, const int32_t* list, int cnt,
+                        const G* grad, int64_t gK, int64_t gC, int64_t gT, int64_t gH, int64_t gW, int64_t c,
+                        int64_t t, int64_t y, int64_t x, int64_t H, int64_t W, T spatial_scale, int ph_n,
+                        int pw_n, int sampling_ratio, bool aligned) {
+  T sum = T(0);
+  for (int j = 0; j < cnt; ++j) {
+    const int64_t k = list[j];
+    const T* roi = rois + (k * n_tb + (per_frame ? t : 0)) * 5;
+    const auto g = roi_geometry<T>(roi + 1, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
+    int y0, y1, x0, x1;
+    if (!sample_range(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, y, H, &y0, &y1)) continue;
+    if (!sample_range(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, x, W, &x0, &x1)) continue;
+    const G* go = grad + k * gK + c * gC + t * gT;
+    T acc = T(0);
+    for (int sy = y0; sy <= y1; ++sy) {
+      const int ph = sy / g.grid_h;
+      const T wy = weight_on_pixel(sample_coord(g.start_h, g.bin_h, g.step_h, ph, sy - ph * g.grid_h), y, H);
+      if (wy == T(0)) continue;
+      for (int sx = x0; sx <= x1; ++sx) {
+        const int pw = sx / g.grid_w;
+        const T wx = weight_on_pixel(sample_coord(g.start_w, g.bin_w, g.step_w, pw, sx - pw * g.grid_w), x, W);
+        if (wx == T(0)) continue;
+        acc += wy * wx * static_cast<T>(go[ph * gH + pw * gW]);
+      }
+    }
+    sum += acc / g.count;
+  }
+  return sum;
+}
+
+// Channels-last (channels_last_3d) test on sizes/strides of a 5-D tensor, the rule of
+// torch.Tensor.is_contiguous(memory_format=torch.channels_last_3d) and not .is_contiguous():
+// dimensions of size 1 are ignored; an empty tensor counts as contiguous.
+STSSA_HD bool dense_in_order(const int64_t* sizes, const int64_t* strides, const int* order) {
+  int64_t expected = 1;
+  for (int i = 0; i < 5; ++i) {
+    const int d = order[i];
+    if (sizes[d] == 1) continue;
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
+STSSA_HD bool is_channels_last_3d(const int64_t* sizes, const int64_t* strides) {
+  for (int d = 0; d < 5; ++d)
+    if (sizes[d] == 0) return false;
+  const int contiguous[5] = {4, 3, 2, 1, 0};
+  const int channels_last[5] = {1, 4, 3, 2, 0};
+  return dense_in_order(sizes, strides, channels_last) && !dense_in_order(sizes, strides, contiguous);
+}
+
 }  // namespace roi
 }  // namespace stssa

@@ -1,71 +1,158 @@
-// RoIAlign3D, CPU kernels (TORCH_LIBRARY_IMPL(stssa, CPU)).
+// RoIAlign3D, CPU kernels (STABLE_TORCH_LIBRARY_IMPL(stssa, CPU)), on the LibTorch stable ABI.
 //
-// The bilinear weight of a sample factorises into a y part and an x part (and a sample outside the map
-// has a zero y or x part), so a bin's average over its sample grid is separable:
-//   out[k, c, t] = Ay_k (ph x h') . X[n_k, c, t, y0:y0+h', x0:x0+w'] . Ax_k^T (w' x pw) / count,
-// where Ay_k[p, y] sums the y weights of the samples of bin row p that land on pixel row y (and Ax_k the
-// same for columns), restricted to the rows/columns the box touches. The two small tables are computed
-// once per box and reused for every channel -- and for every frame when the box is shared -- and the
-// per-(channel, frame) work becomes two tiny dense products whose inner loop runs over contiguous x
-// (vectorised) instead of four gathers per sample.
-// Forward is split over (roi, channel block) with at::parallel_for.
-//
-// Backward (the transpose, dX += Ay^T . dOut . Ax / count): grad_input is partitioned over (batch, channel
-// block); each task adds the gradients of all rois of its batch, in roi order, into its own slice of
-// grad_input, so no two threads write the same element (race-free without atomics, and deterministic).
-// Accumulation is in float (double for double inputs), cast back once for reduced precision types.
-//
+// The work is done per (box, frame, block of CB channels), vectorised across the channel block:
+//  * per (box, frame) the sample positions and bilinear weights are reduced once to two short weight
+//    bands per output bin (one along y, one along x; see roi_align3d_cpu_kernels.h) and reused for every
+//    channel -- and for every frame when the box is shared;
+//  * the feature values of the box's pixels are read as channel vectors: directly when the input is
+//    channels-last (channel stride 1), otherwise through a small per-(box, frame, block) transposed tile
+//    [y][x][c] (strided rows of CB planes copied once, which is cheaper than gathering across planes in
+//    the inner loop and never copies the whole feature map).
+// Forward: tasks (box, channel block) ordered by batch index so that boxes of one clip reuse its pixels
+// from cache; each task loops over the frames and writes out[k, c0:c0+CB, :, :, :].
+// Backward (dX = the transpose): tasks (batch, channel block, frame); each owns the grad_input slice
+// [n, c0:c0+CB, t, :, :], accumulates all boxes of its batch in roi order into a thread-private plane
+// tile and writes every element of its slice exactly once (no zero-fill pass, no atomics, deterministic
+// whatever the thread count; slices of different tasks are disjoint whole rows/channel blocks, so there
+// is no false sharing inside a thread range).
+// Accumulation is in float (double for double inputs); fp16/bf16 are converted once on load and store.
 // Input strides are honoured (contiguous, channels_last_3d, slices): no copy of the feature map.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "roi_align3d_common.h"
 
 namespace stssa {
+namespace cpu {
+
+// One axis of one box: for output bin p, its samples touch pixels first[p] .. first[p] + count[p] - 1
+// with summed weights w[off[p] ..]; lo/span: the union over bins.
+template <typename acc_t>
+struct BandsView {
+  int64_t lo, span;
+  const int64_t* first;
+  const int32_t* count;
+  const int32_t* off;
+  const acc_t* w;
+};
+
+}  // namespace cpu
+}  // namespace stssa
+
+#define STSSA_KERNEL_NS base
+#define STSSA_KERNEL_ATTR
+#include "roi_align3d_cpu_kernels.h"
+#undef STSSA_KERNEL_NS
+#undef STSSA_KERNEL_ATTR
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define STSSA_HAVE_AVX2_KERNELS 1
+#define STSSA_KERNEL_NS avx2
+#define STSSA_KERNEL_ATTR __attribute__((target("avx2,fma")))
+#include "roi_align3d_cpu_kernels.h"
+#undef STSSA_KERNEL_NS
+#undef STSSA_KERNEL_ATTR
+#endif
+
+namespace stssa {
+namespace cpu {
 namespace {
 
-constexpr int64_t kChannelBlock = 16;
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
 
-// Summed weights of one axis: rows = output bins, columns = pixels lo .. lo + span - 1.
+constexpr int CB = 16;  // channels per vector block
+
+bool cpu_has_avx2() {
+#ifdef STSSA_HAVE_AVX2_KERNELS
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+// Calls f(scalar_t{}) for the floating dtypes the op supports.
+template <typename F>
+void dispatch_floating(ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case ScalarType::Float: f(float{}); break;
+    case ScalarType::Double: f(double{}); break;
+    case ScalarType::Half: f(torch::headeronly::Half{}); break;
+    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
+    default: STD_TORCH_CHECK(false, name, ": unsupported dtype ", torch::headeronly::toString(st));
+  }
+}
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream s;
+  s << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  s << "]";
+  return s.str();
+}
+
 template <typename acc_t>
-struct AxisTable {
+struct Bands {
   int64_t lo = 0, span = 0;
-  std::vector<acc_t> w;  // pooled x span, row-major
+  std::vector<int64_t> first;
+  std::vector<int32_t> count, off;
+  std::vector<acc_t> w;
+  BandsView<acc_t> view() const { return {lo, span, first.data(), count.data(), off.data(), w.data()}; }
 };
 
 template <typename acc_t>
-void axis_table(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64_t size, AxisTable<acc_t>& tab) {
-  int64_t lo = size, hi = -1;
-  for (int p = 0; p < pooled; ++p)
+void build_bands(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64_t size, Bands<acc_t>& b) {
+  b.first.assign(pooled, 0);
+  b.count.assign(pooled, 0);
+  b.off.assign(pooled, 0);
+  b.w.clear();
+  int64_t lo_all = size, hi_all = -1;
+  for (int p = 0; p < pooled; ++p) {
+    int64_t lo = size, hi = -1;
     for (int i = 0; i < grid; ++i) {
       const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
       if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;  // outside the map
       lo = std::min(lo, a.lo);
       hi = std::max(hi, a.hi);
     }
-  tab.lo = hi >= lo ? lo : 0;
-  tab.span = hi >= lo ? hi - lo + 1 : 0;
-  tab.w.assign(static_cast<size_t>(pooled) * tab.span, acc_t(0));
-  if (tab.span == 0) return;
-  for (int p = 0; p < pooled; ++p)
+    b.off[p] = static_cast<int32_t>(b.w.size());
+    if (hi < lo) continue;
+    b.first[p] = lo;
+    b.count[p] = static_cast<int32_t>(hi - lo + 1);
+    b.w.resize(b.w.size() + (hi - lo + 1), acc_t(0));
+    acc_t* w = b.w.data() + b.off[p];
     for (int i = 0; i < grid; ++i) {
       const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
       if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;
-      tab.w[p * tab.span + (a.lo - tab.lo)] += a.w_lo;
-      tab.w[p * tab.span + (a.hi - tab.lo)] += a.w_hi;
+      w[a.lo - lo] += a.w_lo;
+      w[a.hi - lo] += a.w_hi;
     }
+    lo_all = std::min(lo_all, lo);
+    hi_all = std::max(hi_all, hi);
+  }
+  b.lo = hi_all >= lo_all ? lo_all : 0;
+  b.span = hi_all >= lo_all ? hi_all - lo_all + 1 : 0;
 }
 
 template <typename acc_t>
 struct BoxTables {
-  AxisTable<acc_t> y, x;
+  Bands<acc_t> y, x;
   acc_t inv_count = acc_t(1);
   bool empty = true;  // no sample lands on the map: the output is 0
 };
@@ -75,186 +162,264 @@ void box_tables(const acc_t* box, acc_t spatial_scale, int ph_n, int pw_n, int s
                 int64_t H, int64_t W, BoxTables<acc_t>& bt) {
   const auto g = roi::roi_geometry(box, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
   bt.inv_count = acc_t(1) / g.count;
-  axis_table(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, bt.y);
-  axis_table(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, bt.x);
+  build_bands(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, bt.y);
+  build_bands(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, bt.x);
   bt.empty = bt.y.span == 0 || bt.x.span == 0;
 }
 
-// out[ph, pw] = sum_y sum_x Ay[ph, y] P[y, x] Ax[pw, x] * inv_count, P read through (sH, sW).
-template <typename scalar_t, typename acc_t, bool kUnitStrideW>
-void bin_product(const scalar_t* P, int64_t sH, int64_t sW, const BoxTables<acc_t>& bt, int ph_n, int pw_n,
-                 acc_t* tmp /* ph_n * span_x */, scalar_t* out) {
-  const int64_t hs = bt.y.span, ws = bt.x.span;
-  std::fill(tmp, tmp + ph_n * ws, acc_t(0));
-  for (int64_t y = 0; y < hs; ++y) {
-    const scalar_t* row = P + y * sH;
-    for (int ph = 0; ph < ph_n; ++ph) {
-      const acc_t a = bt.y.w[ph * hs + y];
-      if (a == acc_t(0)) continue;
-      acc_t* t = tmp + ph * ws;
-      if (kUnitStrideW) {
-        for (int64_t x = 0; x < ws; ++x) t[x] += a * static_cast<acc_t>(row[x]);
-      } else {
-        for (int64_t x = 0; x < ws; ++x) t[x] += a * static_cast<acc_t>(row[x * sW]);
-      }
-    }
+// Tables of all (box, box frame) pairs, [K * n_boxes], built in parallel.
+template <typename acc_t>
+std::vector<BoxTables<acc_t>> all_tables(const acc_t* rdata, int64_t K, int64_t n_boxes, double spatial_scale,
+                                         int ph_n, int pw_n, int sampling_ratio, bool aligned, int64_t H,
+                                         int64_t W) {
+  std::vector<BoxTables<acc_t>> tables(static_cast<size_t>(K * n_boxes));
+  torch::stable::parallel_for(0, K * n_boxes, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      box_tables<acc_t>(rdata + i * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n, sampling_ratio,
+                        aligned, H, W, tables[i]);
+  });
+  return tables;
+}
+
+template <typename acc_t>
+bool valid_batch(acc_t b, int64_t N) {
+  return b >= acc_t(0) && b < static_cast<acc_t>(N);
+}
+
+// Boxes of each batch element, in roi order (rows with an invalid batch index are left out).
+template <typename acc_t>
+std::vector<std::vector<int64_t>> boxes_by_batch(const acc_t* rdata, int64_t K, int64_t n_boxes, int64_t N) {
+  std::vector<std::vector<int64_t>> by_batch(static_cast<size_t>(N));
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t b = rdata[k * n_boxes * 5];
+    if (valid_batch(b, N)) by_batch[static_cast<int64_t>(b)].push_back(k);
   }
-  for (int ph = 0; ph < ph_n; ++ph)
-    for (int pw = 0; pw < pw_n; ++pw) {
-      const acc_t* t = tmp + ph * ws;
-      const acc_t* ax = bt.x.w.data() + pw * ws;
-      acc_t acc = 0;
-      for (int64_t x = 0; x < ws; ++x) acc += t[x] * ax[x];
-      out[ph * pw_n + pw] = static_cast<scalar_t>(acc * bt.inv_count);
-    }
+  return by_batch;
+}
+
+template <typename acc_t, typename src_t>
+void run_forward_box(const src_t* P, int64_t rs, int64_t cs, const BoxTables<acc_t>& bt, int ph_n, int pw_n,
+                     acc_t* tmp, acc_t* obuf) {
+  const auto by = bt.y.view(), bx = bt.x.view();
+#ifdef STSSA_HAVE_AVX2_KERNELS
+  if (cpu_has_avx2()) return avx2::forward_box<acc_t, src_t, CB>(P, rs, cs, by, bx, ph_n, pw_n, bt.inv_count, tmp, obuf);
+#endif
+  base::forward_box<acc_t, src_t, CB>(P, rs, cs, by, bx, ph_n, pw_n, bt.inv_count, tmp, obuf);
+}
+
+template <typename acc_t>
+void run_backward_box(const acc_t* g, const BoxTables<acc_t>& bt, int ph_n, int pw_n, int64_t W, acc_t* tmp,
+                      acc_t* G) {
+  const auto by = bt.y.view(), bx = bt.x.view();
+#ifdef STSSA_HAVE_AVX2_KERNELS
+  if (cpu_has_avx2()) return avx2::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
+#endif
+  base::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
+}
+
+struct Strides5 {
+  int64_t s0, s1, s2, s3, s4;
+};
+
+Strides5 strides_of(const Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+bool channels_last(const Tensor& t) {
+  int64_t sizes[5], strides[5];
+  for (int d = 0; d < 5; ++d) {
+    sizes[d] = t.size(d);
+    strides[d] = t.stride(d);
+  }
+  return roi::is_channels_last_3d(sizes, strides);
 }
 
 template <typename scalar_t>
-void forward_impl(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int ph_n,
-                  int pw_n, int sampling_ratio, bool aligned, at::Tensor& output) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = input.size(0), C = input.size(1), T = input.size(2), H = input.size(3),
-                W = input.size(4);
-  const int64_t sN = input.stride(0), sC = input.stride(1), sT = input.stride(2),
-                sH = input.stride(3), sW = input.stride(4);
-  const int64_t K = rois.size(0);
-  const bool per_frame = rois.dim() == 3;
+void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_scale, int ph_n, int pw_n,
+                  int sampling_ratio, bool aligned, Tensor& output) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t N = input.size(0), C = input.size(1), T = input.size(2), H = input.size(3), W = input.size(4);
+  const Strides5 si = strides_of(input), so = strides_of(output);
+  const int64_t K = rois_acc.size(0);
+  const bool per_frame = rois_acc.dim() == 3;
   const int64_t n_boxes = per_frame ? T : 1;
-  const auto rois_acc = rois.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-  const acc_t* rdata = rois_acc.template data_ptr<acc_t>();
+  const acc_t* rdata = rois_acc.const_data_ptr<acc_t>();
   const scalar_t* in = input.const_data_ptr<scalar_t>();
-  scalar_t* out = output.data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
-  const int64_t cblocks = (C + kChannelBlock - 1) / kChannelBlock;
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const int64_t cblocks = (C + CB - 1) / CB;
+  const auto tables = all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W);
 
-  at::parallel_for(0, K * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<BoxTables<acc_t>> tables(static_cast<size_t>(n_boxes));
-    std::vector<acc_t> tmp(static_cast<size_t>(ph_n) * std::max<int64_t>(W, 1));
-    int64_t cached_k = -1;
+  // tasks (box, channel block), grouped by batch index then channel block, so consecutive tasks of a
+  // thread read the same pixels; rows with an invalid batch index (unchecked input) come last.
+  const auto by_batch = boxes_by_batch(rdata, K, n_boxes, N);
+  std::vector<int64_t> task_k, task_cb;
+  task_k.reserve(K * cblocks);
+  task_cb.reserve(K * cblocks);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t cb = 0; cb < cblocks; ++cb)
+      for (const int64_t k : by_batch[n]) {
+        task_k.push_back(k);
+        task_cb.push_back(cb);
+      }
+  for (int64_t k = 0; k < K; ++k)
+    if (!valid_batch(rdata[k * n_boxes * 5], N))
+      for (int64_t cb = 0; cb < cblocks; ++cb) {
+        task_k.push_back(k);
+        task_cb.push_back(cb);
+      }
+
+  // direct channel-vector reads need unit channel stride, a full block and no dtype conversion
+  const bool direct_ok = si.s1 == 1 && std::is_same_v<scalar_t, acc_t>;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  torch::stable::parallel_for(0, static_cast<int64_t>(task_k.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile, tmp(static_cast<size_t>(W) * CB), obuf(static_cast<size_t>(bins) * CB);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / cblocks;
-      const int64_t c0 = (task % cblocks) * kChannelBlock;
-      const int64_t c1 = std::min(C, c0 + kChannelBlock);
-      const acc_t* r0 = rdata + k * n_boxes * 5;
-      const acc_t bval = r0[0];
-      if (!(bval >= acc_t(0) && bval < static_cast<acc_t>(N))) {  // only when the wrapper's checks were skipped
-        std::fill(out + (k * C + c0) * T * bins, out + (k * C + c1) * T * bins, static_cast<scalar_t>(nan));
-        continue;
-      }
-      if (cached_k != k) {
-        for (int64_t b = 0; b < n_boxes; ++b)
-          box_tables<acc_t>(r0 + b * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n, sampling_ratio,
-                            aligned, H, W, tables[b]);
-        cached_k = k;
-      }
-      const int64_t n = static_cast<int64_t>(bval);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t t = 0; t < T; ++t) {
-          const BoxTables<acc_t>& bt = tables[per_frame ? t : 0];
-          scalar_t* o = out + ((k * C + c) * T + t) * bins;
-          if (bt.empty) {
-            std::fill(o, o + bins, scalar_t(0));
-            continue;
+      const int64_t k = task_k[task];
+      const int64_t c0 = task_cb[task] * CB;
+      const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
+      const acc_t bval = rdata[k * n_boxes * 5];
+      const bool valid = valid_batch(bval, N);
+      const int64_t n = valid ? static_cast<int64_t>(bval) : 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+        if (!valid || bt.empty) {
+          std::fill(obuf.begin(), obuf.end(), valid ? acc_t(0) : nan);
+        } else {
+          const int64_t ys = bt.y.span, xs = bt.x.span;
+          const scalar_t* base = in + n * si.s0 + c0 * si.s1 + t * si.s2 + bt.y.lo * si.s3 + bt.x.lo * si.s4;
+          if (direct_ok && cb == CB) {
+            run_forward_box<acc_t, scalar_t>(base, si.s3, si.s4, bt, ph_n, pw_n, tmp.data(), obuf.data());
+          } else {
+            tile.resize(static_cast<size_t>(ys * xs * CB));
+            if (cb < CB) std::fill(tile.begin(), tile.end(), acc_t(0));
+            for (int c = 0; c < cb; ++c) {
+              const scalar_t* plane = base + c * si.s1;
+              acc_t* dst = tile.data() + c;
+              for (int64_t y = 0; y < ys; ++y) {
+                const scalar_t* row = plane + y * si.s3;
+                acc_t* d = dst + y * xs * CB;
+                if (si.s4 == 1) {
+                  for (int64_t x = 0; x < xs; ++x) d[x * CB] = static_cast<acc_t>(row[x]);
+                } else {
+                  for (int64_t x = 0; x < xs; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
+                }
+              }
+            }
+            run_forward_box<acc_t, acc_t>(tile.data(), xs * CB, CB, bt, ph_n, pw_n, tmp.data(), obuf.data());
           }
-          const scalar_t* P = in + n * sN + c * sC + t * sT + bt.y.lo * sH + bt.x.lo * sW;
-          if (sW == 1)
-            bin_product<scalar_t, acc_t, true>(P, sH, sW, bt, ph_n, pw_n, tmp.data(), o);
-          else
-            bin_product<scalar_t, acc_t, false>(P, sH, sW, bt, ph_n, pw_n, tmp.data(), o);
+        }
+        scalar_t* o = out + k * so.s0 + c0 * so.s1 + t * so.s2;
+        if (so.s1 == 1) {  // channels-last output: CB contiguous values per bin
+          for (int ph = 0; ph < ph_n; ++ph)
+            for (int pw = 0; pw < pw_n; ++pw) {
+              const acc_t* src = obuf.data() + (ph * pw_n + pw) * CB;
+              scalar_t* d = o + ph * so.s3 + pw * so.s4;
+              for (int c = 0; c < cb; ++c) d[c] = static_cast<scalar_t>(src[c]);
+            }
+        } else {
+          for (int c = 0; c < cb; ++c) {
+            scalar_t* d = o + c * so.s1;
+            for (int ph = 0; ph < ph_n; ++ph)
+              for (int pw = 0; pw < pw_n; ++pw)
+                d[ph * so.s3 + pw * so.s4] = static_cast<scalar_t>(obuf[(ph * pw_n + pw) * CB + c]);
+          }
         }
       }
     }
   });
 }
 
-at::Tensor roi_align3d_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                   int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                                   bool aligned) {
-  TORCH_CHECK(input.device().is_cpu(), "roi_align3d: input must be a CPU tensor here");
-  TORCH_CHECK(rois.device().is_cpu(), "roi_align3d: rois must be on the same device as input (CPU)");
-  TORCH_CHECK(input.dim() == 5, "roi_align3d: input must be [N, C, T, H, W], got ", input.dim(), " dims");
-  TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) ||
-                  (rois.dim() == 3 && rois.size(1) == input.size(2) && rois.size(2) == 5),
-              "roi_align3d: rois must be [K, 5] or [K, T, 5] with T = input.size(2) = ", input.size(2),
-              ", got ", rois.sizes());
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align3d: output_size must be positive, got (",
-              pooled_height, ", ", pooled_width, ")");
-  TORCH_CHECK(rois.size(0) == 0 || (input.size(3) > 0 && input.size(4) > 0),
-              "roi_align3d: input height and width must be positive when there are boxes");
-  auto output = at::empty({rois.size(0), input.size(1), input.size(2), pooled_height, pooled_width},
-                          input.options().memory_format(at::MemoryFormat::Contiguous));
+Tensor rois_in_acc_type(const Tensor& rois, ScalarType scalar) {
+  const auto want = scalar == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  Tensor r = rois.scalar_type() == want ? rois : torch::stable::to(rois, want);
+  return torch::stable::contiguous(r);
+}
+
+Tensor new_5d(const Tensor& like, std::vector<int64_t> sizes, ScalarType dtype, bool channels_last) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device(), std::nullopt,
+                              channels_last ? torch::headeronly::MemoryFormat::ChannelsLast3d
+                                            : torch::headeronly::MemoryFormat::Contiguous);
+}
+
+Tensor roi_align3d_forward_cpu(Tensor input, Tensor rois, double spatial_scale, int64_t pooled_height,
+                               int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
+  STD_TORCH_CHECK(input.is_cpu(), "roi_align3d: input must be a CPU tensor here");
+  STD_TORCH_CHECK(rois.is_cpu(), "roi_align3d: rois must be on the same device as input (CPU)");
+  STD_TORCH_CHECK(input.dim() == 5, "roi_align3d: input must be [N, C, T, H, W], got ", input.dim(), " dims");
+  STD_TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) ||
+                      (rois.dim() == 3 && rois.size(1) == input.size(2) && rois.size(2) == 5),
+                  "roi_align3d: rois must be [K, 5] or [K, T, 5] with T = input.size(2) = ", input.size(2),
+                  ", got ", shape_str(rois));
+  STD_TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align3d: output_size must be positive, got (",
+                  pooled_height, ", ", pooled_width, ")");
+  STD_TORCH_CHECK(rois.size(0) == 0 || (input.size(3) > 0 && input.size(4) > 0),
+                  "roi_align3d: input height and width must be positive when there are boxes");
+  Tensor output = new_5d(input, {rois.size(0), input.size(1), input.size(2), pooled_height, pooled_width},
+                         input.scalar_type(), channels_last(input));
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align3d_forward_cpu", [&] {
-    forward_impl<scalar_t>(input, rois, spatial_scale, static_cast<int>(pooled_height),
-                           static_cast<int>(pooled_width), static_cast<int>(sampling_ratio), aligned, output);
+  const Tensor r = rois_in_acc_type(rois, input.scalar_type());
+  dispatch_floating(input.scalar_type(), "roi_align3d", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    forward_impl<scalar_t>(input, r, spatial_scale, static_cast<int>(pooled_height), static_cast<int>(pooled_width),
+                           static_cast<int>(sampling_ratio), aligned, output);
   });
   return output;
 }
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int ph_n, int pw_n,
-                   int sampling_ratio, bool aligned, at::Tensor& grad_in /* acc dtype, contiguous */) {
-  using acc_t = at::opmath_type<scalar_t>;
+void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_scale, int ph_n, int pw_n,
+                   int sampling_ratio, bool aligned, Tensor& grad_in) {
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t N = grad_in.size(0), C = grad_in.size(1), T = grad_in.size(2), H = grad_in.size(3),
                 W = grad_in.size(4);
-  const int64_t K = rois.size(0);
-  const bool per_frame = rois.dim() == 3;
+  const Strides5 sg = strides_of(grad), sd = strides_of(grad_in);
+  const int64_t K = rois_acc.size(0);
+  const bool per_frame = rois_acc.dim() == 3;
   const int64_t n_boxes = per_frame ? T : 1;
-  const auto rois_acc = rois.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-  const acc_t* rdata = rois_acc.template data_ptr<acc_t>();
-  const auto g = grad.contiguous();
-  const scalar_t* gd = g.const_data_ptr<scalar_t>();
-  acc_t* gi = grad_in.template data_ptr<acc_t>();
+  const acc_t* rdata = rois_acc.const_data_ptr<acc_t>();
+  const scalar_t* gd = grad.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+  const auto by_batch = boxes_by_batch(rdata, K, n_boxes, N);
+  const auto tables = all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W);
+  const int64_t cblocks = (C + CB - 1) / CB;
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
 
-  // rois of each batch element, in roi order (fixed summation order -> deterministic); tables once per roi.
-  std::vector<std::vector<int64_t>> by_batch(static_cast<size_t>(N));
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t b = rdata[k * n_boxes * 5];
-    if (b >= acc_t(0) && b < static_cast<acc_t>(N)) by_batch[static_cast<int64_t>(b)].push_back(k);
-  }
-  std::vector<BoxTables<acc_t>> tables(static_cast<size_t>(K * n_boxes));
-  at::parallel_for(0, K * n_boxes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      box_tables<acc_t>(rdata + i * 5 + 1, static_cast<acc_t>(spatial_scale), ph_n, pw_n, sampling_ratio,
-                        aligned, H, W, tables[i]);
-  });
-  const int64_t cblocks = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmp(static_cast<size_t>(ph_n) * std::max<int64_t>(W, 1));
+  torch::stable::parallel_for(0, N * cblocks * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> G(static_cast<size_t>(H * W * CB)), tmp(static_cast<size_t>(W) * CB),
+        gbuf(static_cast<size_t>(bins) * CB, acc_t(0));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / cblocks;
-      const int64_t c0 = (task % cblocks) * kChannelBlock;
-      const int64_t c1 = std::min(C, c0 + kChannelBlock);
+      const int64_t t = task % T;
+      const int64_t c0 = ((task / T) % cblocks) * CB;
+      const int64_t n = task / (T * cblocks);
+      const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
+      std::fill(G.begin(), G.end(), acc_t(0));
       for (const int64_t k : by_batch[n]) {
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t t = 0; t < T; ++t) {
-            const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
-            if (bt.empty) continue;
-            const int64_t hs = bt.y.span, ws = bt.x.span;
-            const scalar_t* go = gd + ((k * C + c) * T + t) * bins;
-            // tmp[ph, x] = sum_pw dOut[ph, pw] Ax[pw, x] / count
-            std::fill(tmp.begin(), tmp.begin() + ph_n * ws, acc_t(0));
-            for (int ph = 0; ph < ph_n; ++ph)
-              for (int pw = 0; pw < pw_n; ++pw) {
-                const acc_t gv = static_cast<acc_t>(go[ph * pw_n + pw]) * bt.inv_count;
-                if (gv == acc_t(0)) continue;
-                const acc_t* ax = bt.x.w.data() + pw * ws;
-                acc_t* tr = tmp.data() + ph * ws;
-                for (int64_t x = 0; x < ws; ++x) tr[x] += gv * ax[x];
-              }
-            // dX[y, x] += sum_ph Ay[ph, y] tmp[ph, x]
-            acc_t* P = gi + ((n * C + c) * T + t) * H * W + bt.y.lo * W + bt.x.lo;
-            for (int64_t y = 0; y < hs; ++y) {
-              acc_t* row = P + y * W;
-              for (int ph = 0; ph < ph_n; ++ph) {
-                const acc_t a = bt.y.w[ph * hs + y];
-                if (a == acc_t(0)) continue;
-                const acc_t* tr = tmp.data() + ph * ws;
-                for (int64_t x = 0; x < ws; ++x) row[x] += a * tr[x];
-              }
-            }
+        const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+        if (bt.empty) continue;
+        const scalar_t* go = gd + k * sg.s0 + c0 * sg.s1 + t * sg.s2;
+        for (int c = 0; c < cb; ++c)
+          for (int ph = 0; ph < ph_n; ++ph)
+            for (int pw = 0; pw < pw_n; ++pw)
+              gbuf[(ph * pw_n + pw) * CB + c] =
+                  static_cast<acc_t>(go[c * sg.s1 + ph * sg.s3 + pw * sg.s4]) * bt.inv_count;
+        run_backward_box<acc_t>(gbuf.data(), bt, ph_n, pw_n, W, tmp.data(), G.data());
+      }
+      scalar_t* d = gi + n * sd.s0 + c0 * sd.s1 + t * sd.s2;
+      if (sd.s1 == 1) {
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t* src = G.data() + (y * W + x) * CB;
+            scalar_t* dst = d + y * sd.s3 + x * sd.s4;
+            for (int c = 0; c < cb; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+          }
+      } else {
+        for (int c = 0; c < cb; ++c) {
+          scalar_t* plane = d + c * sd.s1;
+          for (int64_t y = 0; y < H; ++y) {
+            scalar_t* row = plane + y * sd.s3;
+            const acc_t* src = G.data() + y * W * CB + c;
+            for (int64_t x = 0; x < W; ++x) row[x * sd.s4] = static_cast<scalar_t>(src[x * CB]);
           }
         }
       }
@@ -262,31 +427,37 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& rois, double spatia
   });
 }
 
-at::Tensor roi_align3d_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size,
-                                    int64_t channels, int64_t time, int64_t height, int64_t width,
-                                    int64_t sampling_ratio, bool aligned) {
-  TORCH_CHECK(grad.device().is_cpu() && rois.device().is_cpu(), "_roi_align3d_backward: expected CPU tensors");
-  TORCH_CHECK(grad.dim() == 5 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == time && grad.size(3) == pooled_height && grad.size(4) == pooled_width,
-              "_roi_align3d_backward: grad must be [K, C, T, ph, pw] = [", rois.size(0), ", ", channels, ", ",
-              time, ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
-  const auto opts = grad.options().memory_format(at::MemoryFormat::Contiguous);
-  const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
-  auto grad_in = at::zeros({batch_size, channels, time, height, width}, reduced ? opts.dtype(at::kFloat) : opts);
-  if (grad_in.numel() == 0 || grad.numel() == 0) return reduced ? grad_in.to(grad.scalar_type()) : grad_in;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align3d_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad, rois, spatial_scale, static_cast<int>(pooled_height),
+Tensor roi_align3d_backward_cpu(Tensor grad, Tensor rois, double spatial_scale, int64_t pooled_height,
+                                int64_t pooled_width, int64_t batch_size, int64_t channels, int64_t time,
+                                int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
+                                bool /*deterministic: always*/, bool channels_last_out) {
+  STD_TORCH_CHECK(grad.is_cpu() && rois.is_cpu(), "_roi_align3d_backward: expected CPU tensors");
+  STD_TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) || (rois.dim() == 3 && rois.size(1) == time &&
+                                                             rois.size(2) == 5),
+                  "_roi_align3d_backward: rois must be [K, 5] or [K, T, 5], got ", shape_str(rois));
+  STD_TORCH_CHECK(grad.dim() == 5 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+                      grad.size(2) == time && grad.size(3) == pooled_height && grad.size(4) == pooled_width,
+                  "_roi_align3d_backward: grad must be [K, C, T, ph, pw] = [", rois.size(0), ", ", channels, ", ",
+                  time, ", ", pooled_height, ", ", pooled_width, "], got ", shape_str(grad));
+  STD_TORCH_CHECK(batch_size >= 0 && channels >= 0 && time >= 0 && height >= 0 && width >= 0,
+                  "_roi_align3d_backward: sizes must be non-negative");
+  Tensor grad_in = new_5d(grad, {batch_size, channels, time, height, width}, grad.scalar_type(), channels_last_out);
+  if (grad_in.numel() == 0) return grad_in;
+  const Tensor r = rois_in_acc_type(rois, grad.scalar_type());
+  dispatch_floating(grad.scalar_type(), "_roi_align3d_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    backward_impl<scalar_t>(grad, r, spatial_scale, static_cast<int>(pooled_height),
                             static_cast<int>(pooled_width), static_cast<int>(sampling_ratio), aligned, grad_in);
   });
-  return reduced ? grad_in.to(grad.scalar_type()) : grad_in;
+  return grad_in;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stssa, CPU, m) {
-  m.impl("roi_align3d", &roi_align3d_forward_cpu);
-  m.impl("_roi_align3d_backward", &roi_align3d_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(stssa, CPU, m) {
+  m.impl("roi_align3d", TORCH_BOX(&roi_align3d_forward_cpu));
+  m.impl("_roi_align3d_backward", TORCH_BOX(&roi_align3d_backward_cpu));
 }
 
+}  // namespace cpu
 }  // namespace stssa

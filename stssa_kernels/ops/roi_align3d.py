@@ -1,7 +1,7 @@
 """Temporally-resolved 3-D RoIAlign: ``torchvision.ops.roi_align`` applied to every frame of a clip.
 
-The C++ library declares the schemas (csrc/stssa.cpp) and the CPU/CUDA kernels (csrc/cpu, csrc/cuda);
-this module adds what the dispatcher needs from Python -- fake (meta) kernels for tracing, the autograd
+The C++ library (LibTorch stable ABI) declares the schemas (csrc/stssa.cpp) and the CPU/CUDA kernels
+(csrc/cpu, csrc/cuda); this module adds what the dispatcher needs from Python -- fake (meta) kernels for tracing, the autograd
 formula, input validation with clear messages -- and the user-facing function and ``nn.Module``.
 
 Autocast: the op is not on an autocast list, so it runs in the dtype of ``input`` (fp32/fp64/fp16/bf16,
@@ -124,7 +124,8 @@ def roi_align3d(input: Tensor, boxes: BoxesType, output_size, spatial_scale: flo
 
     Returns:
         ``Tensor[K, C, T, h, w]`` where ``out[:, :, t] == torchvision.ops.roi_align(input[:, :, t],
-        boxes_t, ...)``, in ``input``'s dtype.
+        boxes_t, ...)``, in ``input``'s dtype; ``channels_last_3d`` when ``input`` is (every bin's channel
+        vector contiguous, as a following Conv3d/Linear in channels-last wants it), otherwise contiguous.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"roi_align3d: input must be a Tensor, got {type(input).__name__}")
@@ -166,17 +167,26 @@ class RoIAlign3d(nn.Module):
 
 # --- registrations for the dispatcher ------------------------------------------------------------------
 
+def _is_channels_last(x: Tensor) -> bool:
+    """The kernels' layout rule (csrc/roi_align3d_common.h, is_channels_last_3d)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
 @torch.library.register_fake("stssa::roi_align3d")
 def _roi_align3d_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     torch._check(input.dim() == 5, lambda: "roi_align3d: input must be 5-D")
     torch._check(rois.dim() in (2, 3) and rois.size(-1) == 5, lambda: "roi_align3d: rois must be [K, 5] or [K, T, 5]")
-    return input.new_empty((rois.size(0), input.size(1), input.size(2), pooled_height, pooled_width))
+    out = input.new_empty((rois.size(0), input.size(1), input.size(2), pooled_height, pooled_width))
+    # a channels_last_3d input gives a channels_last_3d output, as the CPU and CUDA kernels do
+    return out.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(input) else out
 
 
 @torch.library.register_fake("stssa::_roi_align3d_backward")
 def _roi_align3d_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
-                               time, height, width, sampling_ratio, aligned):
-    return grad.new_empty((batch_size, channels, time, height, width))
+                               time, height, width, sampling_ratio, aligned, deterministic=False,
+                               channels_last=False):
+    out = grad.new_empty((batch_size, channels, time, height, width))
+    return out.contiguous(memory_format=torch.channels_last_3d) if channels_last else out
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,6 +194,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rois)
     ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned)
     ctx.input_shape = tuple(input.shape)
+    ctx.channels_last = _is_channels_last(input)  # grad_input gets input's layout
 
 
 def _backward(ctx, grad):
@@ -192,8 +203,11 @@ def _backward(ctx, grad):
     n, c, t, h, w = ctx.input_shape
     grad_input = None
     if ctx.needs_input_grad[0]:
+        # The stable ABI cannot read the global flag: it is decided here and passed to the kernel.
         grad_input = torch.ops.stssa._roi_align3d_backward(grad, rois, spatial_scale, ph, pw, n, c, t, h, w,
-                                                           sampling_ratio, aligned)
+                                                           sampling_ratio, aligned,
+                                                           torch.are_deterministic_algorithms_enabled(),
+                                                           ctx.channels_last)
     return grad_input, None, None, None, None, None, None
 
 
@@ -203,7 +217,7 @@ torch.library.register_autograd("stssa::roi_align3d", _backward, setup_context=_
 # The backward is linear in grad; its own derivative is the forward op applied to the incoming
 # gradient, which gives double backward (e.g. gradient penalties) for free.
 def _bwd_setup_context(ctx, inputs, output):
-    grad, rois, spatial_scale, ph, pw, n, c, t, h, w, sampling_ratio, aligned = inputs
+    grad, rois, spatial_scale, ph, pw, n, c, t, h, w, sampling_ratio, aligned = inputs[:12]
     ctx.save_for_backward(rois)
     ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned)
 
@@ -214,7 +228,7 @@ def _bwd_backward(ctx, gg):
     g = None
     if ctx.needs_input_grad[0]:
         g = torch.ops.stssa.roi_align3d(gg, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
-    return (g,) + (None,) * 11
+    return (g,) + (None,) * 13
 
 
 torch.library.register_autograd("stssa::_roi_align3d_backward", _bwd_backward, setup_context=_bwd_setup_context)

@@ -1,9 +1,10 @@
 // C++ tests of RoIAlign3D through libtorch and the dispatcher (run by ctest).
 //  1. Bilinear interpolation is exact for a function linear in (y, x): the output of a bin equals the
 //     linear function at the mean sample coordinate, which is known in closed form.
-//  2. The deterministic CUDA backward gathers per input pixel using roi::sample_range and
-//     roi::weight_on_pixel (csrc/roi_align3d_common.h); here that gather, run on the host, must equal the
-//     CPU scatter backward for random boxes -- so the GPU kernel's index math is tested without a GPU.
+//  2. The deterministic CUDA backward buckets the boxes by batch index and pixel tile (roi::fill_bucket)
+//     and gathers per input pixel from its bucket (roi::gather_pixel), both in csrc/roi_align3d_common.h;
+//     here those same functions, run on the host for several tile sizes, must equal the CPU scatter
+//     backward for random boxes -- so the GPU kernel's index math is tested without a GPU.
 //  3. Per-frame boxes: frame t of the output equals the shared-box op run with frame t's box.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -44,9 +45,10 @@ at::Tensor roi_align3d_backward(const at::Tensor& grad, const at::Tensor& rois, 
                        .findSchemaOrThrow("stssa::_roi_align3d_backward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, c10::SymInt, c10::SymInt,
                                          c10::SymInt, c10::SymInt, c10::SymInt, c10::SymInt, c10::SymInt, int64_t,
-                                         bool)>();
+                                         bool, bool, bool)>();
   return op.call(grad, rois, scale, c10::SymInt(ph), c10::SymInt(pw), c10::SymInt(in[0]), c10::SymInt(in[1]),
-                 c10::SymInt(in[2]), c10::SymInt(in[3]), c10::SymInt(in[4]), sr, aligned);
+                 c10::SymInt(in[2]), c10::SymInt(in[3]), c10::SymInt(in[4]), sr, aligned, /*deterministic=*/false,
+                 /*channels_last=*/false);
 }
 
 void test_linear_function_is_exact() {
@@ -72,42 +74,35 @@ void test_linear_function_is_exact() {
   }
 }
 
-// The deterministic CUDA backward's algorithm, on the host.
+// The deterministic CUDA backward's algorithm, on the host: bucket kernel, then gather kernel.
 at::Tensor gather_backward(const at::Tensor& grad, const at::Tensor& rois, double scale, int ph_n, int pw_n,
-                           at::IntArrayRef in, int sr, bool aligned) {
+                           at::IntArrayRef in, int sr, bool aligned, int64_t tile) {
   const int64_t N = in[0], C = in[1], T = in[2], H = in[3], W = in[4], K = rois.size(0);
+  const bool per_frame = rois.dim() == 3;
+  const int64_t n_tb = per_frame ? T : 1;
   auto out = at::zeros(in, at::kDouble);
-  auto r = rois.accessor<double, 2>();
-  auto g = grad.accessor<double, 5>();
+  const auto r = rois.contiguous();
+  const double* rd = r.data_ptr<double>();
+  const auto g = grad.contiguous();
+  const auto tg = stssa::roi::tile_grid(H, W, tile);
+  const int64_t buckets = N * n_tb * tg.ty * tg.tx;
+  std::vector<int32_t> lists(static_cast<size_t>(buckets * std::max<int64_t>(K, 1)));
+  std::vector<int> counts(static_cast<size_t>(buckets));
+  for (int64_t b = 0; b < buckets; ++b) {
+    const int64_t tiles = tg.ty * tg.tx;
+    counts[b] = stssa::roi::fill_bucket<double>(rd, K, n_tb, b / (tiles * n_tb), (b / tiles) % n_tb, b % tiles, tg,
+                                                N, H, W, scale, ph_n, pw_n, sr, aligned, lists.data() + b * K);
+  }
   auto o = out.accessor<double, 5>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t y = 0; y < H; ++y)
           for (int64_t x = 0; x < W; ++x) {
-            double sum = 0;
-            for (int64_t k = 0; k < K; ++k) {
-              if (static_cast<int64_t>(r[k][0]) != n) continue;
-              const double box[4] = {r[k][1], r[k][2], r[k][3], r[k][4]};
-              const auto geo = stssa::roi::roi_geometry<double>(box, scale, ph_n, pw_n, sr, aligned);
-              int y0, y1, x0, x1;
-              if (!stssa::roi::sample_range(geo.start_h, geo.bin_h, geo.step_h, geo.grid_h, ph_n, y, H, &y0, &y1)) continue;
-              if (!stssa::roi::sample_range(geo.start_w, geo.bin_w, geo.step_w, geo.grid_w, pw_n, x, W, &x0, &x1)) continue;
-              double acc = 0;
-              for (int sy = y0; sy <= y1; ++sy) {
-                const int ph = sy / geo.grid_h;
-                const double wy = stssa::roi::weight_on_pixel(
-                    stssa::roi::sample_coord(geo.start_h, geo.bin_h, geo.step_h, ph, sy - ph * geo.grid_h), y, H);
-                for (int sx = x0; sx <= x1; ++sx) {
-                  const int pw = sx / geo.grid_w;
-                  const double wx = stssa::roi::weight_on_pixel(
-                      stssa::roi::sample_coord(geo.start_w, geo.bin_w, geo.step_w, pw, sx - pw * geo.grid_w), x, W);
-                  acc += wy * wx * g[k][c][t][ph][pw];
-                }
-              }
-              sum += acc / geo.count;
-            }
-            o[n][c][t][y][x] = sum;
+            const int64_t b = (n * n_tb + (per_frame ? t : 0)) * tg.ty * tg.tx + (y / tile) * tg.tx + x / tile;
+            o[n][c][t][y][x] = stssa::roi::gather_pixel<double, double>(
+                rd, n_tb, per_frame, lists.data() + b * K, counts[b], g.data_ptr<double>(), g.stride(0), g.stride(1),
+                g.stride(2), g.stride(3), g.stride(4), c, t, y, x, H, W, scale, ph_n, pw_n, sr, aligned);
           }
   return out;
 }
@@ -115,27 +110,36 @@ at::Tensor gather_backward(const at::Tensor& grad, const at::Tensor& rois, doubl
 void test_gather_equals_scatter() {
   std::mt19937 rng(1234);
   std::uniform_real_distribution<double> u(0.0, 1.0);
-  for (int trial = 0; trial < 40; ++trial) {
-    const int64_t N = 1 + trial % 2, C = 2, T = 2, H = 1 + (trial * 7) % 13, W = 1 + (trial * 5) % 11;
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t N = 1 + trial % 2, C = 2, T = 2, H = 1 + (trial * 7) % 23, W = 1 + (trial * 5) % 19;
+    const bool per_frame = trial % 3 == 1;
     const int64_t K = 1 + trial % 5;
     const int ph = 1 + trial % 3, pw = 1 + (trial / 3) % 4, sr = (trial % 4) - 1;
     const bool aligned = trial % 2;
     const double scale = (trial % 3 == 0) ? 0.5 : 1.0;
-    auto rois = at::empty({K, 5}, at::kDouble);
-    for (int64_t k = 0; k < K; ++k) {
-      const double iw = W / scale, ih = H / scale;
-      const double x1 = u(rng) * iw * 1.4 - 0.2 * iw, y1 = u(rng) * ih * 1.4 - 0.2 * ih;
-      const double bw = (trial % 7 == 0 && k == 0) ? 0.0 : u(rng) * iw, bh = u(rng) * ih;  // zero-size too
-      rois[k][0] = static_cast<double>(k % N);
-      rois[k][1] = x1; rois[k][2] = y1; rois[k][3] = x1 + bw; rois[k][4] = y1 + bh;
-    }
+    const int64_t nb = per_frame ? T : 1;
+    auto rois = at::empty({K, nb, 5}, at::kDouble);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t f = 0; f < nb; ++f) {
+        const double iw = W / scale, ih = H / scale;
+        const double x1 = u(rng) * iw * 1.4 - 0.2 * iw, y1 = u(rng) * ih * 1.4 - 0.2 * ih;
+        // zero-size, tiny (a few pixels: the far-away people) and large boxes
+        const double size = trial % 4 == 2 ? 0.15 : 1.0;
+        const double bw = (trial % 7 == 0 && k == 0) ? 0.0 : u(rng) * iw * size, bh = u(rng) * ih * size;
+        rois[k][f][0] = static_cast<double>(k % N);
+        rois[k][f][1] = x1; rois[k][f][2] = y1; rois[k][f][3] = x1 + bw; rois[k][f][4] = y1 + bh;
+      }
+    if (!per_frame) rois = rois.select(1, 0).contiguous();
     auto grad = at::randn({K, C, T, ph, pw}, at::kDouble);
     const std::vector<int64_t> in = {N, C, T, H, W};
     auto scatter = roi_align3d_backward(grad, rois, scale, ph, pw, in, sr, aligned);
-    auto gather = gather_backward(grad, rois, scale, ph, pw, in, sr, aligned);
-    const double diff = (scatter - gather).abs().max().item<double>();
-    EXPECT(diff < 1e-12, "trial %d: gather vs scatter max diff %.3g (H=%lld W=%lld ph=%d pw=%d sr=%d aligned=%d)",
-           trial, diff, (long long)H, (long long)W, ph, pw, sr, (int)aligned);
+    for (const int64_t tile : {1, 3, 8, 64}) {
+      auto gather = gather_backward(grad, rois, scale, ph, pw, in, sr, aligned, tile);
+      const double diff = (scatter - gather).abs().max().item<double>();
+      EXPECT(diff < 1e-12,
+             "trial %d tile %lld: gather vs scatter max diff %.3g (H=%lld W=%lld ph=%d pw=%d sr=%d aligned=%d pf=%d)",
+             trial, (long long)tile, diff, (long long)H, (long long)W, ph, pw, sr, (int)aligned, (int)per_frame);
+    }
   }
 }
 
