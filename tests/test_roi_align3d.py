@@ -7,17 +7,24 @@ import math
 
 import pytest
 import torch
-import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import stssa_kernels
 from stssa_kernels import RoIAlign3d, roi_align3d
-from stssa_kernels.reference import roi_align3d_ref
-from stssa_kernels.reference.roi_align3d import roi_align3d_ref_loop
+from stssa_kernels.ops.roi_align3d import _is_channels_last
+
+try:  # the reference is torchvision's roi_align; a torch without torchvision runs the other tests
+    import torchvision
+
+    from stssa_kernels.reference import roi_align3d_ref
+    from stssa_kernels.reference.roi_align3d import roi_align3d_ref_loop
+except ImportError:
+    torchvision = None
 
 CUDA = torch.cuda.is_available() and stssa_kernels.HAS_CUDA_KERNELS
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA kernels")
+needs_tv = pytest.mark.skipif(torchvision is None, reason="needs torchvision (the reference)")
 
 
 def make_boxes(k, n, h, w, scale, gen, per_frame_t=None, dtype=torch.float64, device="cpu"):
@@ -56,6 +63,7 @@ SHAPES = [  # N, C, T, H, W, K
 ]
 
 
+@needs_tv
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 1, 2])
@@ -71,6 +79,7 @@ def test_matches_torchvision_float64(shape, aligned, sampling_ratio, scale):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
+@needs_tv
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 def test_float32_error_rule(aligned, sampling_ratio):
@@ -85,6 +94,7 @@ def test_float32_error_rule(aligned, sampling_ratio):
     assert_within_rule(out, ref64, base, floor=1e-6)
 
 
+@needs_tv
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_accumulates_in_fp32(dtype):
     gen = torch.Generator().manual_seed(2)
@@ -97,6 +107,7 @@ def test_reduced_precision_accumulates_in_fp32(dtype):
     assert_within_rule(out, ref64, ref64.to(dtype), floor=torch.finfo(dtype).eps)
 
 
+@needs_tv
 def test_loop_and_fold_references_agree():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, 10, 10, dtype=torch.float64, generator=gen)
@@ -113,6 +124,7 @@ def _layouts(x):
     yield "permuted T/C", x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+@needs_tv
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_layouts_read_in_place(per_frame):
     gen = torch.Generator().manual_seed(4)
@@ -128,6 +140,7 @@ def test_layouts_read_in_place(per_frame):
         torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=1e-12, msg=name)
 
 
+@needs_tv
 def test_per_frame_boxes_equal_torchvision_per_frame():
     gen = torch.Generator().manual_seed(5)
     n, c, t, h, w = 2, 3, 5, 13, 12
@@ -139,6 +152,7 @@ def test_per_frame_boxes_equal_torchvision_per_frame():
         torch.testing.assert_close(out[:, :, f], expect, rtol=0, atol=1e-12)
 
 
+@needs_tv
 def test_list_of_boxes_like_torchvision():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 2, 2, 8, 8, dtype=torch.float64, generator=gen)
@@ -160,6 +174,7 @@ def test_gradcheck(per_frame, aligned):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@needs_tv
 def test_backward_matches_torchvision_float32():
     gen = torch.Generator().manual_seed(8)
     x64 = torch.randn(2, 4, 3, 10, 10, dtype=torch.float64, generator=gen)
@@ -220,6 +235,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(gc, ge)
 
 
+@needs_tv
 def test_autocast_cpu_bf16():
     gen = torch.Generator().manual_seed(12)
     conv = torch.nn.Conv3d(3, 4, 1)
@@ -244,6 +260,7 @@ def test_empty_inputs():
     assert roi_align3d(torch.randn(0, 3, 2, 5, 5), torch.zeros(0, 5), 2).shape == (0, 3, 2, 2, 2)
 
 
+@needs_tv
 def test_zero_size_boxes_match_torchvision():
     x = torch.randn(1, 2, 2, 6, 6, dtype=torch.float64)
     boxes = torch.tensor([[0.0, 2.0, 3.0, 2.0, 3.0], [0.0, 1.0, 1.0, 4.0, 1.0]], dtype=torch.float64)
@@ -252,6 +269,7 @@ def test_zero_size_boxes_match_torchvision():
                                    roi_align3d_ref(x, boxes, 2, aligned=aligned), rtol=0, atol=1e-12)
 
 
+@needs_tv
 def test_64bit_offsets_cpu():
     # channel stride 2^31: element offsets past int32 without allocating 8 GB (untouched pages are free).
     c_stride = 2**31
@@ -271,6 +289,131 @@ def test_module():
     assert "output_size=(7, 7)" in repr(m)
     x = torch.randn(1, 2, 3, 16, 16)
     assert m(x, torch.tensor([[0.0, 10, 10, 100, 200]])).shape == (1, 2, 3, 7, 7)
+
+
+def small_far_boxes(k, n, img, gen, dtype=torch.float64):
+    """Far-away people: 8-68 px boxes on an img x img frame (the benchmark's small-box workload)."""
+    size = 8 + 60 * torch.rand(k, 2, generator=gen, dtype=torch.float64)
+    xy = (img - size) * torch.rand(k, 2, generator=gen, dtype=torch.float64)
+    idx = (torch.arange(k) % n).to(torch.float64)
+    return torch.cat([idx[:, None], xy, xy + size], 1).to(dtype)
+
+
+@needs_tv
+@pytest.mark.parametrize("c", [1, 7, 17, 50])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d", "strided"])
+def test_small_boxes_channel_blocks_match_torchvision(c, layout):
+    # channel counts around the kernels' 16-channel blocks, in every layout, forward and backward
+    gen = torch.Generator().manual_seed(30 + c)
+    n, t, h, w = 2, 3, 16, 16
+    x = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen)
+    boxes = small_far_boxes(9, n, 256, gen)
+    if layout == "channels_last_3d":
+        xv = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":
+        xv = torch.randn(n, c, t, h, 2 * w, dtype=torch.float64, generator=gen)[..., ::2]
+        xv.copy_(x)
+    else:
+        xv = x
+    xg = xv.detach().requires_grad_()
+    out = roi_align3d(xg, boxes, 7, 1 / 16, -1, True)
+    xr = x.clone().requires_grad_()
+    ref = roi_align3d_ref_loop(xr, boxes, 7, 1 / 16, -1, True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=1e-12)
+
+
+def _layout_cases():
+    x = torch.randn(2, 5, 3, 6, 7)
+    yield "contiguous", x
+    yield "channels_last_3d", x.contiguous(memory_format=torch.channels_last_3d)
+    yield "channels_last_3d C=1", torch.randn(2, 1, 3, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    yield "channels_last_3d 1x1", torch.randn(2, 5, 3, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+    yield "channels_last_3d T=1", torch.randn(2, 5, 1, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    yield "slice", torch.randn(2, 10, 3, 6, 7)[:, ::2]
+    yield "permuted T/C", x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("name, x", list(_layout_cases()))
+def test_output_layout_follows_input_and_fake_agrees(name, x):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    boxes = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0], [1.0, 0.0, 2.0, 6.0, 6.0]])
+    out = roi_align3d(x, boxes, (2, 3))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format)
+    with FakeTensorMode() as mode:
+        fx, fb = mode.from_tensor(x), mode.from_tensor(boxes)
+        fake = torch.ops.stssa.roi_align3d(fx, fb, 1.0, 2, 3, -1, False)
+    assert fake.shape == out.shape and fake.stride() == out.stride(), name
+    # grad_input gets input's layout, in the real and the fake backward
+    xg = x.detach().requires_grad_()
+    roi_align3d(xg, boxes, (2, 3)).sum().backward()
+    assert xg.grad.stride() == torch.empty_like(x, memory_format=torch.preserve_format).stride() or \
+        xg.grad.is_contiguous(memory_format=torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format)
+    g = torch.randn(out.shape)
+    real_b = torch.ops.stssa._roi_align3d_backward(g, boxes, 1.0, 2, 3, *x.shape, -1, False, False,
+                                                   _is_channels_last(x))
+    with FakeTensorMode() as mode:
+        fake_b = torch.ops.stssa._roi_align3d_backward(mode.from_tensor(g), mode.from_tensor(boxes), 1.0, 2, 3,
+                                                       *x.shape, -1, False, False, _is_channels_last(x))
+    assert fake_b.stride() == real_b.stride(), name
+
+
+def test_channels_last_output_values_equal_contiguous():
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 40, 3, 16, 16, generator=gen)
+    boxes = small_far_boxes(6, 2, 256, gen, torch.float32)
+    a = roi_align3d(x, boxes, 7, 1 / 16, -1, True)
+    b = roi_align3d(x.contiguous(memory_format=torch.channels_last_3d), boxes, 7, 1 / 16, -1, True)
+    assert b.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backward_race_free_any_thread_count():
+    # every grad_input element is owned by one task: the result is bitwise the same for 1 and 2 threads
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(2, 37, 4, 16, 16, generator=gen)
+    boxes = small_far_boxes(20, 2, 256, gen, torch.float32)
+    g = torch.randn(20, 37, 4, 7, 7, generator=gen)
+    grads = []
+    old = torch.get_num_threads()
+    for threads in (1, 2, 1):
+        torch.set_num_threads(threads)
+        try:
+            xg = x.clone().requires_grad_()
+            roi_align3d(xg, boxes, 7, 1 / 16, -1, True).backward(g)
+            grads.append(xg.grad)
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_deterministic_flag_is_decided_in_python():
+    # the stable ABI cannot read torch.use_deterministic_algorithms: the autograd formula passes it
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flags = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.stssa._roi_align3d_backward.default:
+                kwargs = kwargs or {}  # trailing arguments equal to their default may be dropped
+                flags.append(args[12] if len(args) > 12 else kwargs.get("deterministic", False))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 2, 2, 6, 6, requires_grad=True)
+    boxes = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0]])
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            with Record():
+                roi_align3d(x, boxes, 2).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert flags == [False, True]
 
 
 # --- bad input --------------------------------------------------------------------------------------
@@ -324,6 +467,7 @@ def test_unchecked_bad_batch_index_gives_nan_not_garbage():
 
 # --- property-based ---------------------------------------------------------------------------------
 
+@needs_tv
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 3), c=st.integers(1, 4), t=st.integers(1, 4), h=st.integers(1, 12), w=st.integers(1, 12),
@@ -347,6 +491,7 @@ def test_property_matches_torchvision(n, c, t, h, w, k, ph, pw, sampling_ratio, 
 
 # --- CUDA ----------------------------------------------------------------------------------------------
 
+@needs_tv
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -398,6 +543,7 @@ def test_cuda_autocast_and_compile():
     torch.testing.assert_close(f(x, boxes), roi_align3d(x, boxes, 7, 1 / 16, 2, True))
 
 
+@needs_tv
 @gpu
 @pytest.mark.gpu
 def test_cuda_64bit_indexing():

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+
+
+def _tv_roi_align(*args):
+    # torchvision is imported on first use, so that `import stssa_kernels` works without it
+    try:
+        from torchvision.ops import roi_align
+    except ImportError as e:
+        raise ImportError("the roi_align3d reference needs torchvision (pip install torchvision)") from e
+    return roi_align(*args)
 
 
 def _as_rois(boxes, input: Tensor) -> Tensor:
@@ -36,7 +44,7 @@ def roi_align3d_ref(input: Tensor, boxes, output_size, spatial_scale: float = 1.
     else:
         rois_t = rois.clone()
     rois_t[..., 0] = rois_t[..., 0] * t + tt  # image index of (clip, frame)
-    out = roi_align(frames, rois_t.reshape(k * t, 5), output_size, spatial_scale, sampling_ratio, aligned)
+    out = _tv_roi_align(frames, rois_t.reshape(k * t, 5), output_size, spatial_scale, sampling_ratio, aligned)
     oh, ow = out.shape[-2:]
     return out.reshape(k, t, c, oh, ow).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -48,5 +56,5 @@ def roi_align3d_ref_loop(input: Tensor, boxes, output_size, spatial_scale: float
     outs = []
     for f in range(input.size(2)):
         r = rois if rois.dim() == 2 else rois[:, f]
-        outs.append(roi_align(input[:, :, f], r, output_size, spatial_scale, sampling_ratio, aligned))
+        outs.append(_tv_roi_align(input[:, :, f], r, output_size, spatial_scale, sampling_ratio, aligned))
     return torch.stack(outs, dim=2)
