@@ -6,8 +6,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "stssa_kernels: the compiled extension stssa_kernels._C is missing or does not load "
-        f"({e}). Build it with `pip install -e .` (or `make build`); it is an abi3 module that loads under any torch >= 2.10"
-        "the torch you import."
+        f"({e}). Build it with `pip install -e .` (or `make build`); the build is an abi3 module for the "
+        "LibTorch stable ABI and loads under any torch >= 2.10."
     ) from e
 
 BUILD_INFO = torch.ops.stssa._build_info()
