@@ -362,14 +362,19 @@ def test_output_layout_follows_input_and_fake_agrees(name, x):
     assert fake_b.stride() == real_b.stride(), name
 
 
-def test_channels_last_output_values_equal_contiguous():
+@needs_tv
+def test_channels_last_output_values_agree_with_contiguous():
+    # the two layouts take different kernels (channel vectors / per-plane): same math, other rounding order
     gen = torch.Generator().manual_seed(31)
     x = torch.randn(2, 40, 3, 16, 16, generator=gen)
     boxes = small_far_boxes(6, 2, 256, gen, torch.float32)
     a = roi_align3d(x, boxes, 7, 1 / 16, -1, True)
     b = roi_align3d(x.contiguous(memory_format=torch.channels_last_3d), boxes, 7, 1 / 16, -1, True)
     assert b.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref64 = roi_align3d_ref(x.double(), boxes.double(), 7, 1 / 16, -1, True)
+    base = roi_align3d_ref(x, boxes, 7, 1 / 16, -1, True)
+    for out in (a, b):
+        assert_within_rule(out, ref64, base, floor=1e-6)
 
 
 def test_backward_race_free_any_thread_count():
