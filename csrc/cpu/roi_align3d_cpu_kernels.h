@@ -82,62 +82,6 @@ STSSA_KERNEL_ATTR void backward_box(const acc_t* __restrict g, const BandsView<a
   }
 }
 
-// Per-plane forms for feature maps whose channels are planes (contiguous NCTHW: unit x stride), vectorised
-// along x and along the output columns instead of across channels, so that no transpose is needed.
-// out (ph_n rows of pw_pad values, pw_pad a multiple of 8) for one (box, frame, channel):
-//   V[x] = sum_j Ay[ph, y0 + j] * P[(y0 + j) * rs + x];  out[ph, :] = inv_count * sum_x V[x] * AxT[x, :]
-// P points at pixel (by.lo, bx.lo); AxT: xs x pw_pad dense x weights (zero outside each bin's band).
-template <typename acc_t, typename src_t, int PWP>
-STSSA_KERNEL_ATTR void forward_plane(const src_t* __restrict P, int64_t rs, const BandsView<acc_t>& by, int ph_n,
-                                     int pw_pad_rt, int64_t xs, const acc_t* __restrict AxT, acc_t inv_count,
-                                     acc_t* __restrict V, acc_t* __restrict out) {
-  const int pw_pad = PWP > 0 ? PWP : pw_pad_rt;
-  for (int ph = 0; ph < ph_n; ++ph) {
-    acc_t* o = out + static_cast<int64_t>(ph) * pw_pad;
-    for (int p = 0; p < pw_pad; ++p) o[p] = acc_t(0);
-    const int ny = by.count[ph];
-    if (ny == 0) continue;
-    const int64_t y0 = by.first[ph] - by.lo;
-    const acc_t* wy = by.w + by.off[ph];
-    for (int64_t x = 0; x < xs; ++x) V[x] = acc_t(0);
-    for (int j = 0; j < ny; ++j) {
-      const acc_t a = wy[j];
-      const src_t* row = P + (y0 + j) * rs;
-      for (int64_t x = 0; x < xs; ++x) V[x] += a * static_cast<acc_t>(row[x]);
-    }
-    for (int64_t x = 0; x < xs; ++x) {
-      const acc_t v = V[x] * inv_count;
-      const acc_t* ax = AxT + x * pw_pad;
-      for (int p = 0; p < pw_pad; ++p) o[p] += v * ax[p];
-    }
-  }
-}
-
-// The transpose for one (box, frame, channel): G[(by.first[ph] + j) * gw + x] += Ay[ph, .][j] * V[x],
-// V[x] = sum_pw g[ph, pw] * Axd[pw, x]; G points at column bx.lo of row 0 of a plane of row stride gw,
-// g (ph_n x pw_n) is pre-scaled by inv_count, Axd: pw_n x xs dense x weights.
-template <typename acc_t>
-STSSA_KERNEL_ATTR void backward_plane(const acc_t* __restrict g, const BandsView<acc_t>& by, int ph_n, int pw_n,
-                                      int64_t xs, const acc_t* __restrict Axd, int64_t gw, acc_t* __restrict V,
-                                      acc_t* __restrict G) {
-  for (int ph = 0; ph < ph_n; ++ph) {
-    const int ny = by.count[ph];
-    if (ny == 0) continue;
-    for (int64_t x = 0; x < xs; ++x) V[x] = acc_t(0);
-    for (int pw = 0; pw < pw_n; ++pw) {
-      const acc_t gv = g[ph * pw_n + pw];
-      const acc_t* ax = Axd + static_cast<int64_t>(pw) * xs;
-      for (int64_t x = 0; x < xs; ++x) V[x] += gv * ax[x];
-    }
-    const acc_t* wy = by.w + by.off[ph];
-    for (int j = 0; j < ny; ++j) {
-      const acc_t a = wy[j];
-      acc_t* row = G + (by.first[ph] + j) * gw;
-      for (int64_t x = 0; x < xs; ++x) row[x] += a * V[x];
-    }
-  }
-}
-
 }  // namespace STSSA_KERNEL_NS
 }  // namespace cpu
 }  // namespace stssa

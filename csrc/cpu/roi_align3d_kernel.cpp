@@ -160,9 +160,6 @@ struct BoxTables {
   Bands<acc_t> y, x;
   acc_t inv_count = acc_t(1);
   bool empty = true;  // no sample lands on the map: the output is 0
-  // the x bands as dense matrices, for the per-plane kernels: AxT [x.span][pw_pad], Axd [pw][x.span]
-  int pw_pad = 0;
-  std::vector<acc_t> axt, axd;
 };
 
 template <typename acc_t>
@@ -173,17 +170,6 @@ void box_tables(const acc_t* box, acc_t spatial_scale, int ph_n, int pw_n, int s
   build_bands(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, bt.y);
   build_bands(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, bt.x);
   bt.empty = bt.y.span == 0 || bt.x.span == 0;
-  const int64_t xs = bt.x.span;
-  bt.pw_pad = (pw_n + 7) / 8 * 8;
-  bt.axt.assign(static_cast<size_t>(xs * bt.pw_pad), acc_t(0));
-  bt.axd.assign(static_cast<size_t>(xs * pw_n), acc_t(0));
-  for (int pw = 0; pw < pw_n; ++pw)
-    for (int i = 0; i < bt.x.count[pw]; ++i) {
-      const int64_t x = bt.x.first[pw] - bt.x.lo + i;
-      const acc_t w = bt.x.w[bt.x.off[pw] + i];
-      bt.axt[x * bt.pw_pad + pw] = w;
-      bt.axd[pw * xs + x] = w;
-    }
 }
 
 // Tables of all (box, box frame) pairs, [K * n_boxes], built in parallel.
@@ -234,33 +220,6 @@ void run_backward_box(const acc_t* g, const BoxTables<acc_t>& bt, int ph_n, int 
   if (cpu_has_avx2()) return avx2::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
 #endif
   base::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
-}
-
-template <typename acc_t, typename src_t>
-void run_forward_plane(const src_t* P, int64_t rs, const BoxTables<acc_t>& bt, int ph_n, acc_t* V, acc_t* obuf) {
-  const auto by = bt.y.view();
-  const int64_t xs = bt.x.span;
-#ifdef STSSA_HAVE_AVX2_KERNELS
-  if (cpu_has_avx2()) {
-    if (bt.pw_pad == 8)
-      return avx2::forward_plane<acc_t, src_t, 8>(P, rs, by, ph_n, 8, xs, bt.axt.data(), bt.inv_count, V, obuf);
-    return avx2::forward_plane<acc_t, src_t, 0>(P, rs, by, ph_n, bt.pw_pad, xs, bt.axt.data(), bt.inv_count, V, obuf);
-  }
-#endif
-  if (bt.pw_pad == 8)
-    return base::forward_plane<acc_t, src_t, 8>(P, rs, by, ph_n, 8, xs, bt.axt.data(), bt.inv_count, V, obuf);
-  base::forward_plane<acc_t, src_t, 0>(P, rs, by, ph_n, bt.pw_pad, xs, bt.axt.data(), bt.inv_count, V, obuf);
-}
-
-template <typename acc_t>
-void run_backward_plane(const acc_t* g, const BoxTables<acc_t>& bt, int ph_n, int pw_n, int64_t W, acc_t* V,
-                        acc_t* G) {
-  const auto by = bt.y.view();
-  acc_t* Gb = G + bt.x.lo;
-#ifdef STSSA_HAVE_AVX2_KERNELS
-  if (cpu_has_avx2()) return avx2::backward_plane<acc_t>(g, by, ph_n, pw_n, bt.x.span, bt.axd.data(), W, V, Gb);
-#endif
-  base::backward_plane<acc_t>(g, by, ph_n, pw_n, bt.x.span, bt.axd.data(), W, V, Gb);
 }
 
 struct Strides5 {
@@ -315,15 +274,11 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
         task_cb.push_back(cb);
       }
 
-  // direct channel-vector reads need unit channel stride, a full block and no dtype conversion;
-  // planar maps (unit x stride, channels not innermost: contiguous NCTHW) take the per-plane kernels
+  // direct channel-vector reads need unit channel stride, a full block and no dtype conversion
   const bool direct_ok = si.s1 == 1 && std::is_same_v<scalar_t, acc_t>;
-  const bool planar = si.s4 == 1 && si.s1 != 1;
-  const int pw_pad = (pw_n + 7) / 8 * 8;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   torch::stable::parallel_for(0, static_cast<int64_t>(task_k.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile, tmp(static_cast<size_t>(W) * CB), obuf(static_cast<size_t>(bins) * CB),
-        pbuf(static_cast<size_t>(ph_n) * pw_pad);
+    std::vector<acc_t> tile, tmp(static_cast<size_t>(W) * CB), obuf(static_cast<size_t>(bins) * CB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task_k[task];
       const int64_t c0 = task_cb[task] * CB;
@@ -331,24 +286,6 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
       const acc_t bval = rdata[k * n_boxes * 5];
       const bool valid = valid_batch(bval, N);
       const int64_t n = valid ? static_cast<int64_t>(bval) : 0;
-      if (planar && valid) {
-        for (int c = 0; c < cb; ++c)
-          for (int64_t t = 0; t < T; ++t) {
-            const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
-            scalar_t* o = out + k * so.s0 + (c0 + c) * so.s1 + t * so.s2;
-            if (bt.empty) {
-              for (int ph = 0; ph < ph_n; ++ph)
-                for (int pw = 0; pw < pw_n; ++pw) o[ph * so.s3 + pw * so.s4] = scalar_t(0);
-              continue;
-            }
-            const scalar_t* P = in + n * si.s0 + (c0 + c) * si.s1 + t * si.s2 + bt.y.lo * si.s3 + bt.x.lo;
-            run_forward_plane<acc_t, scalar_t>(P, si.s3, bt, ph_n, tmp.data(), pbuf.data());
-            for (int ph = 0; ph < ph_n; ++ph)
-              for (int pw = 0; pw < pw_n; ++pw)
-                o[ph * so.s3 + pw * so.s4] = static_cast<scalar_t>(pbuf[ph * pw_pad + pw]);
-          }
-        continue;
-      }
       for (int64_t t = 0; t < T; ++t) {
         const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
         if (!valid || bt.empty) {
@@ -472,40 +409,14 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
   const int64_t cblocks = (C + CB - 1) / CB;
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
 
-  const bool planar = sd.s1 != 1;  // grad_in is contiguous (or channels-last, then channel vectors)
   torch::stable::parallel_for(0, N * cblocks * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> G(static_cast<size_t>(H * W * (planar ? 1 : CB))), tmp(static_cast<size_t>(W) * CB),
+    std::vector<acc_t> G(static_cast<size_t>(H * W * CB)), tmp(static_cast<size_t>(W) * CB),
         gbuf(static_cast<size_t>(bins) * CB, acc_t(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % T;
       const int64_t c0 = ((task / T) % cblocks) * CB;
       const int64_t n = task / (T * cblocks);
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
-      if (planar) {
-        for (int c = 0; c < cb; ++c) {
-          std::fill(G.begin(), G.end(), acc_t(0));
-          for (const int64_t k : by_batch[n]) {
-            const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
-            if (bt.empty) continue;
-            const scalar_t* go = gd + k * sg.s0 + (c0 + c) * sg.s1 + t * sg.s2;
-            for (int ph = 0; ph < ph_n; ++ph)
-              for (int pw = 0; pw < pw_n; ++pw)
-                gbuf[ph * pw_n + pw] = static_cast<acc_t>(go[ph * sg.s3 + pw * sg.s4]) * bt.inv_count;
-            run_backward_plane<acc_t>(gbuf.data(), bt, ph_n, pw_n, W, tmp.data(), G.data());
-          }
-          scalar_t* plane = gi + n * sd.s0 + (c0 + c) * sd.s1 + t * sd.s2;
-          for (int64_t y = 0; y < H; ++y) {
-            scalar_t* row = plane + y * sd.s3;
-            const acc_t* src = G.data() + y * W;
-            if (sd.s4 == 1) {
-              for (int64_t x = 0; x < W; ++x) row[x] = static_cast<scalar_t>(src[x]);
-            } else {
-              for (int64_t x = 0; x < W; ++x) row[x * sd.s4] = static_cast<scalar_t>(src[x]);
-            }
-          }
-        }
-        continue;
-      }
       std::fill(G.begin(), G.end(), acc_t(0));
       for (const int64_t k : by_batch[n]) {
         const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
