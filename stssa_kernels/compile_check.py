@@ -103,6 +103,80 @@ def specs_from_launches(recorded, cc: int) -> list[KernelSpec]:
     return list(specs.values())
 
 
+# ---- recorded launcher calls: record anywhere (e.g. under the interpreter), replay for an arch ----------
+
+_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "int32": "int32", "int64": "int64"}
+
+
+def _encode(a):
+    import torch
+    if isinstance(a, torch.Tensor):
+        return {"tensor": list(a.shape), "stride": list(a.stride()), "offset": a.storage_offset(),
+                "dtype": str(a.dtype).replace("torch.", "")}
+    if isinstance(a, (list, tuple)):
+        return [_encode(x) for x in a]
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    return {"opaque": type(a).__name__}  # plans / tile configs: recomputed for the target arch
+
+
+def encode_calls(calls) -> list[dict]:
+    """JSON-able form of ``record_launcher_calls()`` entries: tensors become (shape, strides, storage
+    offset, dtype), which is all a launch's specialisation depends on."""
+    return [{"module": m, "launcher": n, "args": [_encode(a) for a in args],
+             "kwargs": {k: _encode(v) for k, v in kwargs.items()}} for m, n, args, kwargs in calls]
+
+
+def _decode(a, dtype16):
+    import torch
+    if isinstance(a, dict) and "tensor" in a:
+        dt = getattr(torch, a["dtype"])
+        if dtype16 is not None and dt in (torch.float16, torch.bfloat16):
+            dt = dtype16
+        shape, stride = a["tensor"], a["stride"]
+        extent = a["offset"] + sum((n - 1) * st for n, st in zip(shape, stride)) + 1 if all(shape) else a["offset"] + 1
+        return torch.empty(extent, dtype=dt).as_strided(shape, stride, a["offset"])
+    if isinstance(a, list):
+        return [_decode(x, dtype16) for x in a]
+    if isinstance(a, dict):
+        return None  # opaque: replaced by retarget
+    return a
+
+
+def replay_calls(calls: list[dict], cc: int, dtype16=None) -> list:
+    """Run recorded launcher calls again on CPU for arch ``cc`` (plans / tile configs re-picked by each
+    module's ``retarget``; 16-bit tensors recreated as ``dtype16`` when given) with the launches
+    recorded, not run: [Launch]."""
+    from .triton._launch import capture_launches
+
+    launches = []
+    for c in calls:
+        mod = importlib.import_module(c["module"])
+        args = tuple(_decode(a, dtype16) for a in c["args"])
+        kwargs = {k: _decode(v, dtype16) for k, v in c["kwargs"].items()}
+        args, kwargs = mod.retarget(c["launcher"], args, kwargs, cc)
+        with capture_launches() as got:
+            getattr(mod, c["launcher"])(*args, **kwargs)
+        launches += got
+    return launches
+
+
+def count_variants(launches, cc: int) -> dict:
+    """Distinct compiled variants among ``launches`` on arch ``cc``, as the JIT would count them:
+    {"launches": n, "variants": n, "per_kernel": {name: [launches, variants]}}."""
+    from .triton._launch import jit_compile_args
+
+    seen, per = set(), {}
+    for ln in launches:
+        key = jit_compile_args(ln.kernel, ln.args, ln.kwargs, cc)[-1]
+        n = per.setdefault(ln.name.lstrip("_").removesuffix("_kernel"), [0, 0])
+        n[0] += 1
+        if key not in seen:
+            seen.add(key)
+            n[1] += 1
+    return {"launches": len(launches), "variants": len(seen), "per_kernel": per}
+
+
 @dataclasses.dataclass
 class Row:
     kind: str

@@ -28,16 +28,33 @@ def device_context(device: torch.device):
     return contextlib.nullcontext()
 
 
+_call_recorders: list[list] = []  # active record_launcher_calls() blocks
+
+
 def on_tensor_device(fn: Callable) -> Callable:
     """Decorator for launchers: run ``fn`` under the device of its first tensor argument."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for rec in _call_recorders:
+            rec.append((fn.__module__, fn.__name__, args, dict(kwargs)))
         dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if dev is None:
             return fn(*args, **kwargs)
         with device_context(dev):
             return fn(*args, **kwargs)
     return wrapper
+
+
+@contextlib.contextmanager
+def record_launcher_calls() -> Iterator[list]:
+    """Record every call of a launcher (a function decorated with ``on_tensor_device``) inside the
+    block as (module, name, args, kwargs); the calls still run."""
+    calls: list = []
+    _call_recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _call_recorders.remove(calls)
 
 
 @dataclasses.dataclass
@@ -96,11 +113,17 @@ def jit_compile_args(kernel, args: tuple, kwargs: dict, cc: int):
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from triton import knobs
+
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
+    kwargs = dict(kwargs)
+    # the two options JITFunction.run adds before binding (they are part of the cache key)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     key = (kernel.fn.__name__, cc, tuple(specialization), str(options))
     return signature, constexprs, attrs, options, key
 

@@ -916,3 +916,16 @@ def compile_specs(cc: int):
     for layout, dt, shape, dv, axis in compile_workloads(cc):
         recorded += [(ln, label, layout) for ln, label in record_call(cc, layout, _SPEC_DTYPES[dt], shape, dv, axis)]
     return specs_from_launches(recorded, cc)
+
+
+def retarget(launcher: str, args: tuple, kwargs: dict, cc: int) -> tuple[tuple, dict]:
+    """A recorded call of ``forward``/``backward`` with its plan replaced by what ``plan`` picks on
+    arch ``cc`` (recorded under the interpreter or on another GPU)."""
+    import inspect
+
+    bound = inspect.signature(globals()[launcher]).bind(*args, **kwargs)
+    a = bound.arguments
+    q, v, heads = a["q"], a["v"], a["heads"]
+    _, L = seq_count_and_length(q.shape, a["axis"])
+    a["p"] = plan(cc, L, q.shape[1] // heads, v.shape[1] // heads, q.dtype)
+    return bound.args, bound.kwargs

@@ -434,3 +434,14 @@ def compile_specs(cc: int) -> list:
         for bias in (False, True):
             recorded += [(ln, label, "channels_last") for ln, label in record_call(cc, dtype, C, oc, ks, bias)]
     return specs_from_launches(recorded, cc)
+
+
+def retarget(launcher: str, args: tuple, kwargs: dict, cc: int) -> tuple[tuple, dict]:
+    """A recorded call of ``temporal_proj_fwd``/``temporal_proj_bwd`` with its tile configuration
+    replaced by what ``pick_config`` picks on arch ``cc``."""
+    import inspect
+
+    bound = inspect.signature(globals()[launcher]).bind(*args, **kwargs)
+    a = bound.arguments
+    a["cfg"] = pick_config(cc, a["x"].shape[1], a["out_channels"])
+    return bound.args, bound.kwargs
