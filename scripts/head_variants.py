@@ -9,8 +9,11 @@ no kernel executed (a subprocess with TRITON_INTERPRET=1); the recorded calls ar
 each arch with the plans/tiles that arch picks, and each launch's JIT specialisation key is computed
 with Triton's own binder. Distinct keys are distinct compiles on a cold cache.
 
-The RoI count is not the AVA batch (32): it only enters arguments the kernels do not specialise on
-(``do_not_specialize``), so any K > 1 gives the same variants; a smaller K keeps the CPU run light.
+The RoI count K of a training batch varies from step to step. It enters only arguments the kernels do
+not specialise on (``do_not_specialize``), so every K > 1 compiles the same variants; the head is run
+at two RoI counts (3 and 16: 16 makes the sequence counts divisible by 16, which a fully specialised
+kernel would compile again) and the report gives the variants of both together, with and without the
+``do_not_specialize`` marks. Small K keeps the CPU run light.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ sys.path.insert(0, ROOT)
 
 # benchmarks/head.py's "ava" head (C=2048, T=16, embed 2048, 2 layers, LayerNorm) and a small one
 SHAPES = {
-    "ava": dict(K=3, C=2048, T=16, embed=2048, layers=2),
-    "cpu_small": dict(K=3, C=256, T=8, embed=256, layers=2),
+    "ava": dict(K=(3, 16), C=2048, T=16, embed=2048, layers=2),
+    "cpu_small": dict(K=(3, 16), C=256, T=8, embed=256, layers=2),
 }
 
 
@@ -43,12 +46,13 @@ def record(shape: dict) -> list[dict]:
     head = STSSAHead(shape["C"], num_classes=80, axes=("spatial", "temporal"), num_layers=shape["layers"],
                      embed_dim=shape["embed"], branches=("slow", "fast"), slow_kernel=7, layernorm=True)
     head = head.to(torch.float16)
-    x = torch.randn(shape["K"], shape["C"], shape["T"], 7, 7, dtype=torch.float16, requires_grad=True)
     with record_launcher_calls() as calls, capture_launches():
-        y = x
-        for block in head.blocks:
-            y = block(y)
-        y.float().sum().backward()
+        for rois in shape["K"]:
+            x = torch.randn(rois, shape["C"], shape["T"], 7, 7, dtype=torch.float16, requires_grad=True)
+            y = x
+            for block in head.blocks:
+                y = block(y)
+            y.float().sum().backward()
     if not calls:
         raise RuntimeError("no Triton launcher ran: under TRITON_INTERPRET=1 the ops did not dispatch to Triton")
     return encode_calls(calls)

@@ -115,6 +115,12 @@ def _tok_off(tok, ST, GEO, TOK_DIMS: tl.constexpr):
 
 
 @triton.jit
+def _rows(seq, head, tok, ST, GEO, SEQ_DIMS: tl.constexpr, TOK_DIMS: tl.constexpr):
+    """Offsets of tokens ``tok`` of (sequence, head) in a tensor of layout ``ST``."""
+    return _seq_base(seq, head, ST, GEO, SEQ_DIMS) + _tok_off(tok, ST, GEO, TOK_DIMS)
+
+
+@triton.jit
 def _load_tile(P, rows, ST, c0, N, ok, BLOCK: tl.constexpr):
     """Channels ``c0 .. c0 + BLOCK - 1`` (of ``N``) of the tokens at offsets ``rows`` as a channel-major
     tile ``[BLOCK, len(rows)]``; masked channels and tokens (``ok`` false) read 0."""
@@ -209,10 +215,10 @@ def _attn3d_fwd_packed(
     [pid1 * DV_PER_PROG, (pid1 + 1) * DV_PER_PROG) of Dv. Writes O (and LSE from split 0)."""
     g, gs, n, ok = _packed_rows(tl.program_id(0), G, L, NSEQH, BLOCK_M, TOKEN_MAJOR)
     seq, head = gs // HEADS, gs % HEADS
-    q_rows = _seq_base(seq, head, q_st, GEO, SEQ_DIMS) + _tok_off(n, q_st, GEO, TOK_DIMS)
-    k_rows = _seq_base(seq, head, k_st, GEO, SEQ_DIMS) + _tok_off(n, k_st, GEO, TOK_DIMS)
-    v_rows = _seq_base(seq, head, v_st, GEO, SEQ_DIMS) + _tok_off(n, v_st, GEO, TOK_DIMS)
-    o_rows = _seq_base(seq, head, o_st, GEO, SEQ_DIMS) + _tok_off(n, o_st, GEO, TOK_DIMS)
+    q_rows = _rows(seq, head, n, q_st, GEO, SEQ_DIMS, TOK_DIMS)
+    k_rows = _rows(seq, head, n, k_st, GEO, SEQ_DIMS, TOK_DIMS)
+    v_rows = _rows(seq, head, n, v_st, GEO, SEQ_DIMS, TOK_DIMS)
+    o_rows = _rows(seq, head, n, o_st, GEO, SEQ_DIMS, TOK_DIMS)
 
     p, lse = _packed_softmax(Q, K, q_rows, k_rows, q_st, k_st, g, ok, DK, qk_scale, BLOCK_M, BLOCK_DK, PREC)
     tl.store(_row_stat(LSE, gs, L, n), lse, mask=ok & (tl.program_id(1) == 0))
@@ -221,7 +227,7 @@ def _attn3d_fwd_packed(
     if GAMMA is not None:
         gamma = tl.load(GAMMA).to(tl.float32)
     if R is not None:
-        r_rows = _seq_base(seq, head, r_st, GEO, SEQ_DIMS) + _tok_off(n, r_st, GEO, TOK_DIMS)
+        r_rows = _rows(seq, head, n, r_st, GEO, SEQ_DIMS, TOK_DIMS)
     dv_lo = tl.program_id(1) * DV_PER_PROG
     for c0 in range(dv_lo, tl.minimum(dv_lo + DV_PER_PROG, DV), BLOCK_DV):
         vT = _load_tile(V, v_rows, v_st, c0, DV, ok, BLOCK_DV)
@@ -244,11 +250,11 @@ def _attn3d_bwd_packed(
     per-token delta' = sum_c dY A that the host sums into dgamma."""
     g, gs, n, ok = _packed_rows(tl.program_id(0), G, L, NSEQH, BLOCK_M, TOKEN_MAJOR)
     seq, head = gs // HEADS, gs % HEADS
-    q_rows = _seq_base(seq, head, q_st, GEO, SEQ_DIMS) + _tok_off(n, q_st, GEO, TOK_DIMS)
-    k_rows = _seq_base(seq, head, k_st, GEO, SEQ_DIMS) + _tok_off(n, k_st, GEO, TOK_DIMS)
-    v_rows = _seq_base(seq, head, v_st, GEO, SEQ_DIMS) + _tok_off(n, v_st, GEO, TOK_DIMS)
-    do_rows = _seq_base(seq, head, do_st, GEO, SEQ_DIMS) + _tok_off(n, do_st, GEO, TOK_DIMS)
-    dv_rows = _seq_base(seq, head, dv_st, GEO, SEQ_DIMS) + _tok_off(n, dv_st, GEO, TOK_DIMS)
+    q_rows = _rows(seq, head, n, q_st, GEO, SEQ_DIMS, TOK_DIMS)
+    k_rows = _rows(seq, head, n, k_st, GEO, SEQ_DIMS, TOK_DIMS)
+    v_rows = _rows(seq, head, n, v_st, GEO, SEQ_DIMS, TOK_DIMS)
+    do_rows = _rows(seq, head, n, do_st, GEO, SEQ_DIMS, TOK_DIMS)
+    dv_rows = _rows(seq, head, n, dv_st, GEO, SEQ_DIMS, TOK_DIMS)
 
     # Whole rows are in the tile: redo the softmax exactly as the forward did instead of reading the
     # fp32 lse back (whose rounding, eps * |S|, would unnormalise P at very large logits).
@@ -277,8 +283,8 @@ def _attn3d_bwd_packed(
     ds = ds.to(Q.dtype.element_ty)
     dsT = tl.trans(ds)
 
-    dq_rows = _seq_base(seq, head, dq_st, GEO, SEQ_DIMS) + _tok_off(n, dq_st, GEO, TOK_DIMS)
-    dk_rows = _seq_base(seq, head, dk_st, GEO, SEQ_DIMS) + _tok_off(n, dk_st, GEO, TOK_DIMS)
+    dq_rows = _rows(seq, head, n, dq_st, GEO, SEQ_DIMS, TOK_DIMS)
+    dk_rows = _rows(seq, head, n, dk_st, GEO, SEQ_DIMS, TOK_DIMS)
     for d0 in range(0, DK, BLOCK_DK):
         qT = _load_tile(Q, q_rows, q_st, d0, DK, ok, BLOCK_DK)
         kT = _load_tile(K, k_rows, k_st, d0, DK, ok, BLOCK_DK)
@@ -317,7 +323,7 @@ def _attn3d_fwd_flash(
     c0 = tl.program_id(1) * BLOCK_DV
     k_base = _seq_base(seq, head, k_st, GEO, SEQ_DIMS)
     v_base = _seq_base(seq, head, v_st, GEO, SEQ_DIMS)
-    q_rows = _seq_base(seq, head, q_st, GEO, SEQ_DIMS) + _tok_off(mi, q_st, GEO, TOK_DIMS)
+    q_rows = _rows(seq, head, mi, q_st, GEO, SEQ_DIMS, TOK_DIMS)
     q = tl.trans(_load_tile(Q, q_rows, q_st, 0, DK, m_ok, BLOCK_DK))
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -335,14 +341,14 @@ def _attn3d_fwd_flash(
     tl.store(_row_stat(LSE, gs, L, mi), (m_i + tl.log2(l_i)) * LN2, mask=m_ok & (tl.program_id(1) == 0))
     accT = tl.trans(acc)
     if A is not None:
-        a_rows = _seq_base(seq, head, a_st, GEO, SEQ_DIMS) + _tok_off(mi, a_st, GEO, TOK_DIMS)
+        a_rows = _rows(seq, head, mi, a_st, GEO, SEQ_DIMS, TOK_DIMS)
         _store_tile(A, a_rows, a_st, c0, DV, m_ok, accT, BLOCK_DV)
     if GAMMA is not None:
         accT = accT * tl.load(GAMMA).to(tl.float32)
     if R is not None:
-        r_rows = _seq_base(seq, head, r_st, GEO, SEQ_DIMS) + _tok_off(mi, r_st, GEO, TOK_DIMS)
+        r_rows = _rows(seq, head, mi, r_st, GEO, SEQ_DIMS, TOK_DIMS)
         accT += _load_tile(R, r_rows, r_st, c0, DV, m_ok, BLOCK_DV).to(tl.float32)
-    o_rows = _seq_base(seq, head, o_st, GEO, SEQ_DIMS) + _tok_off(mi, o_st, GEO, TOK_DIMS)
+    o_rows = _rows(seq, head, mi, o_st, GEO, SEQ_DIMS, TOK_DIMS)
     _store_tile(O, o_rows, o_st, c0, DV, m_ok, accT, BLOCK_DV)
 
 
@@ -354,8 +360,8 @@ def _attn3d_bwd_delta(
     """Grid (cdiv(L, BLOCK_M) * NSEQH,): delta'_i = sum_c dY_ic A_ic (A = attention output before the
     epilogue, or the output itself without one), fp32."""
     gs, seq, head, mi, m_ok = _block_of_sequence(L, HEADS, BLOCK_M)
-    do_rows = _seq_base(seq, head, do_st, GEO, SEQ_DIMS) + _tok_off(mi, do_st, GEO, TOK_DIMS)
-    a_rows = _seq_base(seq, head, a_st, GEO, SEQ_DIMS) + _tok_off(mi, a_st, GEO, TOK_DIMS)
+    do_rows = _rows(seq, head, mi, do_st, GEO, SEQ_DIMS, TOK_DIMS)
+    a_rows = _rows(seq, head, mi, a_st, GEO, SEQ_DIMS, TOK_DIMS)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, DV, BLOCK_DV):
         doT = _load_tile(DO, do_rows, do_st, c0, DV, m_ok, BLOCK_DV).to(tl.float32)
@@ -376,8 +382,8 @@ def _attn3d_bwd_dq(
     gs, seq, head, mi, m_ok = _block_of_sequence(L, HEADS, BLOCK_M)
     k_base = _seq_base(seq, head, k_st, GEO, SEQ_DIMS)
     v_base = _seq_base(seq, head, v_st, GEO, SEQ_DIMS)
-    q_rows = _seq_base(seq, head, q_st, GEO, SEQ_DIMS) + _tok_off(mi, q_st, GEO, TOK_DIMS)
-    do_rows = _seq_base(seq, head, do_st, GEO, SEQ_DIMS) + _tok_off(mi, do_st, GEO, TOK_DIMS)
+    q_rows = _rows(seq, head, mi, q_st, GEO, SEQ_DIMS, TOK_DIMS)
+    do_rows = _rows(seq, head, mi, do_st, GEO, SEQ_DIMS, TOK_DIMS)
     q = tl.trans(_load_tile(Q, q_rows, q_st, 0, DK, m_ok, BLOCK_DK))
     lse2 = tl.load(_row_stat(LSE, gs, L, mi), mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(_row_stat(DELTA, gs, L, mi), mask=m_ok, other=0.0)
@@ -403,7 +409,7 @@ def _attn3d_bwd_dq(
             dp = dp * gamma
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kT), input_precision=PREC)
-    dq_rows = _seq_base(seq, head, dq_st, GEO, SEQ_DIMS) + _tok_off(mi, dq_st, GEO, TOK_DIMS)
+    dq_rows = _rows(seq, head, mi, dq_st, GEO, SEQ_DIMS, TOK_DIMS)
     _store_tile(DQ, dq_rows, dq_st, 0, DK, m_ok, tl.trans(dq * sm_scale), BLOCK_DK)
 
 
@@ -420,8 +426,8 @@ def _dkdv_tile(
     c0 = dv_block * BLOCK_DV
     q_base = _seq_base(seq, head, q_st, GEO, SEQ_DIMS)
     do_base = _seq_base(seq, head, do_st, GEO, SEQ_DIMS)
-    k_rows = _seq_base(seq, head, k_st, GEO, SEQ_DIMS) + _tok_off(ni, k_st, GEO, TOK_DIMS)
-    v_rows = _seq_base(seq, head, v_st, GEO, SEQ_DIMS) + _tok_off(ni, v_st, GEO, TOK_DIMS)
+    k_rows = _rows(seq, head, ni, k_st, GEO, SEQ_DIMS, TOK_DIMS)
+    v_rows = _rows(seq, head, ni, v_st, GEO, SEQ_DIMS, TOK_DIMS)
     k = tl.trans(_load_tile(K, k_rows, k_st, 0, DK, n_ok, BLOCK_DK))  # [BN, BDK]
     if GAMMA is not None:
         gamma = tl.load(GAMMA).to(tl.float32)
@@ -459,12 +465,12 @@ def _dkdv_tile(
                 dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(Q.dtype.element_ty), tl.trans(qT), input_precision=PREC)
     if COMPUTE_DK:
-        dk_rows = _seq_base(seq, head, dk_st, GEO, SEQ_DIMS) + _tok_off(ni, dk_st, GEO, TOK_DIMS)
+        dk_rows = _rows(seq, head, ni, dk_st, GEO, SEQ_DIMS, TOK_DIMS)
         _store_tile(DK_, dk_rows, dk_st, 0, DK, n_ok, tl.trans(dk * sm_scale), BLOCK_DK)
     if COMPUTE_DV:
         if GAMMA is not None:
             dv = dv * gamma
-        dv_rows = _seq_base(seq, head, dv_st, GEO, SEQ_DIMS) + _tok_off(ni, dv_st, GEO, TOK_DIMS)
+        dv_rows = _rows(seq, head, ni, dv_st, GEO, SEQ_DIMS, TOK_DIMS)
         _store_tile(DV_, dv_rows, dv_st, c0, DV, n_ok, tl.trans(dv), BLOCK_DV)
 
 
@@ -612,25 +618,27 @@ PACKED_CONFIGS = {
 }
 # (family, bits) -> padded head dim BLOCK_DK -> (forward tile, backward tile), each
 # (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages)
-_MMA16 = {64: ((64, 64, 64, 8, 2), (64, 32, 64, 8, 2)),
+_MMA16 = {64: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),      # sm_80
           128: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),
           256: ((64, 32, 64, 8, 2), (32, 16, 64, 8, 2))}
+_MMA16_SM86 = {**_MMA16, 256: ((64, 32, 64, 8, 2), (16, 16, 64, 8, 2))}
+# sm_90 (wgmma): the 64-wide dk/dv tile fits its register file; the 128-wide forward halves its key block
+_MMA16_SM90 = {**_MMA16, 64: ((64, 64, 64, 8, 2), (64, 32, 64, 8, 2)),
+               128: ((64, 32, 64, 8, 2), (32, 32, 64, 8, 2))}
 _FFMA16 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),   # sm_75: fp16/bf16 converted to fp32 for FFMA
            128: ((64, 32, 32, 8, 1), (16, 32, 32, 8, 1)),
            256: ((32, 32, 32, 8, 1), (16, 16, 32, 8, 1))}
 _FFMA32 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
-           128: ((32, 16, 32, 8, 1), (32, 16, 32, 8, 1)),
+           128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1)),
            256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
-# ptxas caps the sm_90 dk/dv kernel at 128 registers: (16, 32) fits where (32, 16) spills
-_FFMA32_SM90 = {**_FFMA32, 128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1))}
-# sm_86/89: the (32, 16) fp32 backward tiles spill there; (16, 32) fits
-_FFMA32_SM86 = {**_FFMA32, 64: ((64, 32, 32, 8, 1), (16, 32, 32, 8, 1)),
-                128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1))}
+# sm_86/89: left to itself, ptxas caps these 8-warp FFMA backward kernels at 64-128 registers (for
+# occupancy) and spills; with the cap lifted (maxnreg, the 6th entry) the sm_80 tiles fit
+_FFMA32_SM86 = {bdk: (fwd, (*bwd, 255)) for bdk, (fwd, bwd) in _FFMA32.items()}
 FLASH_CONFIGS = {
     (75, 16): _FFMA16, (75, 32): _FFMA32,
     (80, 16): _MMA16, (80, 32): _FFMA32,
-    (86, 16): _MMA16, (86, 32): _FFMA32_SM86,
-    (90, 16): _MMA16, (90, 32): _FFMA32_SM90,
+    (86, 16): _MMA16_SM86, (86, 32): _FFMA32_SM86,
+    (90, 16): _MMA16_SM90, (90, 32): _FFMA32,
 }
 MAX_HEAD_DIM = 256  # q/k channels per head the flash kernels take in one tile
 DELTA_TILE = (64, 64, 4)  # delta pre-pass: (BLOCK_M, BLOCK_DV, num_warps), every arch and dtype
@@ -643,7 +651,7 @@ def arch_family(cc: int) -> int:
     """The tile family of compute capability ``cc``: 75, 80 (A100 class), 86 (sm_86/89) or 90."""
     if cc >= 90:
         return 90
-    if cc in (86, 87, 89) and cc != 87:  # sm_87 (Orin) has the A100's shared memory
+    if cc in (86, 89):  # RTX 30xx / 40xx class; sm_87 (Orin) has the A100's shared memory
         return 86
     return 80 if cc >= 80 else 75
 
@@ -659,6 +667,7 @@ class Tile:
     block_dv: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # register cap handed to ptxas; None: ptxas chooses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -740,7 +749,7 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
     nseqh = nseq * heads
     t = p.fwd
     meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
-                PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages)
+                PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.maxnreg)
     if p.kind == "packed":
         G = max(1, t.block_m // L)
         n_prog = triton.cdiv(nseqh, G)
@@ -796,14 +805,14 @@ def backward(grad_out, q, k, v, o, lse, axis: str, heads: int, scale: float, gam
             st["q"], st["k"], st["v"], st["do"], st["dq"], st["dk"], st["dv"], geo.sizes,
             nseqh, heads, L, dk, dv, G, qk_scale, scale,
             TOKEN_MAJOR=geo.token_major(G), BLOCK_M=t.block_m, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
-            PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+            PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.maxnreg, **meta)
     else:
         dbm, dbdv, dw = DELTA_TILE
         _attn3d_bwd_delta[(triton.cdiv(L, dbm) * nseqh,)](
             grad_out, o, delta, st["do"], st["o"], geo.sizes, heads, L, dv,
             BLOCK_M=dbm, BLOCK_DV=dbdv, num_warps=dw, num_stages=2, **meta)
         blocks = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
-                      PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+                      PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.maxnreg, **meta)
         _attn3d_bwd_dq[(triton.cdiv(L, t.block_m) * nseqh,)](
             q, k, v, grad_out, dq, lse, delta, gamma, st["q"], st["k"], st["v"], st["do"], st["dq"], geo.sizes,
             heads, L, dk, dv, qk_scale, scale, **blocks)
