@@ -340,7 +340,11 @@ def check_cuda_extension(archs: list[int], tool: str | None) -> list[Row]:
         return [Row("cuda", "(no cuobjdump found)", "", "-", status="skipped")]
     rows = []
     wanted = {f"sm_{cc}" for cc in archs}
-    for arch, fn, regs, spill, smem in _resource_usage(_C.__file__, tool):
+    try:
+        usage = _resource_usage(_C.__file__, tool)
+    except subprocess.CalledProcessError as e:  # reported, not a crash: the Triton rows still print
+        return [Row("cuda", "(cuobjdump cannot read _C)", (e.stderr or "").strip()[:80], "-", status="FAIL: cuobjdump")]
+    for arch, fn, regs, spill, smem in usage:
         if arch not in wanted:
             continue
         name = _demangle(fn)
