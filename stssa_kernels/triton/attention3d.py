@@ -617,8 +617,9 @@ PACKED_CONFIGS = {
     (90, 16): _PACKED_MMA16, (90, 32): _PACKED_FFMA,
 }
 # (family, bits) -> padded head dim BLOCK_DK -> (forward tile, backward tile), each
-# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages)
-_MMA16 = {64: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),      # sm_80
+# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, maxnreg]). maxnreg = 255 lifts the register cap
+# ptxas otherwise picks for occupancy (64-128 for some of these 8-warp kernels), under which they spill.
+_MMA16 = {64: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2, 255)),  # sm_80
           128: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),
           256: ((64, 32, 64, 8, 2), (32, 16, 64, 8, 2))}
 _MMA16_SM86 = {**_MMA16, 256: ((64, 32, 64, 8, 2), (16, 16, 64, 8, 2))}
@@ -631,8 +632,8 @@ _FFMA16 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),   # sm_75: fp16/bf16 co
 _FFMA32 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
            128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1)),
            256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
-# sm_86/89: left to itself, ptxas caps these 8-warp FFMA backward kernels at 64-128 registers (for
-# occupancy) and spills; with the cap lifted (maxnreg, the 6th entry) the sm_80 tiles fit
+# sm_86/89: ptxas caps the 8-warp FFMA backward kernels harder than on sm_80; with the cap lifted
+# the sm_80 tiles fit
 _FFMA32_SM86 = {bdk: (fwd, (*bwd, 255)) for bdk, (fwd, bwd) in _FFMA32.items()}
 FLASH_CONFIGS = {
     (75, 16): _FFMA16, (75, 32): _FFMA32,
