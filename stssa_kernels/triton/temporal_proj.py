@@ -46,6 +46,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_tensor_device
+
+# Size arguments that only enter index math or row masks: the JIT need not compile "== 1" / "% 16"
+# variants of them. C and NTOT stay specialised (their divisibility lets K-contiguous loads vectorise).
+_NO_SPECIALISE = ["M", "T", "H", "W", "num_n_tiles", "num_proj", "num_w_tiles"]
+
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -74,7 +80,7 @@ def _positions(offs_m, T, H, W, s_b, s_t, s_h, s_w):
     return off, t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALISE)
 def _temporal_proj_fwd_kernel(
     X, WP, BIAS, Y, NTILES,
     M, C, T, H, W, NTOT, num_n_tiles,
@@ -125,7 +131,7 @@ def _temporal_proj_fwd_kernel(
     tl.store(y, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALISE)
 def _temporal_proj_bwd_dx_kernel(
     DY, WP, DX, PROJ,
     M, C, T, H, W, NTOT, num_proj,
@@ -172,7 +178,7 @@ def _temporal_proj_bwd_dx_kernel(
     tl.store(dx, acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALISE)
 def _temporal_proj_bwd_dw_kernel(
     DY, X, DW, WTILES,
     M, C, T, H, W, NTOT, num_w_tiles,
@@ -305,6 +311,7 @@ def k_operand(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+@on_tensor_device
 def temporal_proj_fwd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None,
                       out_channels: list, kernel_sizes: list, cfg: TileConfig) -> torch.Tensor:
     """Forward. x ``[B, C, T, H, W]`` (any strides), wp ``[sum kt_i N_i, C]`` contiguous, bias
@@ -333,6 +340,7 @@ def temporal_proj_fwd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | No
     return y
 
 
+@on_tensor_device
 def temporal_proj_bwd(dy: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, out_channels: list,
                       kernel_sizes: list, need_dx: bool, need_dw: bool, cfg: TileConfig):
     """Backward of `temporal_proj_fwd` for x and the packed weight (grad-bias, a column sum of dY,
@@ -380,49 +388,60 @@ def temporal_proj_bwd(dy: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, out_c
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (python -m stssa_kernels.compile_check)
 # ----------------------------------------------------------------------------------------------
-def compile_specs(cc: int) -> list:
-    """Every kernel configuration the dispatcher can launch on compute capability ``cc``.
-
-    The dispatcher (``stssa_kernels.ops.temporal_proj.DISPATCH``) runs Triton on CUDA only for
-    fp16/bf16 on sm_80+ and only for aligned shapes (C and every C_out a multiple of 16, 16-byte
-    aligned tensors); odd shapes go to cuBLAS. So each spec is compiled with the specialisation
-    Triton's JIT gives such a launch: 16-divisible pointers, C, row length and strides, ALIGN=16.
-    sm_75 has no specs: the dispatcher never runs Triton there (tl.dot lowers to FFMA).
-    """
-    from ..compile_check import KernelSpec
-
-    def spec(fn, name, cfg_name, dt, blocks, constexprs):
-        b0, b1, b2, nw, ns = blocks
-        tables, tensors = ("NTILES", "PROJ", "WTILES"), ("X", "WP", "BIAS", "Y", "DY", "DX", "DW")
-        sig = {}
-        for a in fn.arg_names:
-            if a in constexprs:
-                sig[a] = "constexpr"
-            elif a in tables:
-                sig[a] = "*i32"
-            elif a in tensors:
-                sig[a] = "*" + dt
-            else:
-                sig[a] = "i32"
-        attrs = {a: 16 for a in fn.arg_names
-                 if a in tables or a in tensors or a in ("C", "NTOT") or a.startswith("s_")}
-        flags = "".join(f" {k.lower()}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool))
-        return KernelSpec(name=name, config=f"{cfg_name} {dt}{flags} {b0}x{b1}x{b2} w{nw} s{ns}", fn=fn,
-                          signature=sig, constexprs=constexprs, num_warps=nw, num_stages=ns, attrs=attrs)
-
-    specs = []
+def compile_workloads(cc: int) -> list[tuple]:
+    """(dtype, C, out_channels, kernel_sizes) calls whose launches compile_check builds on arch ``cc``:
+    one per tile configuration ``pick_config`` can return there, in fp16 and bf16. The dispatcher
+    (``stssa_kernels.ops.temporal_proj``) runs Triton on CUDA only for fp16/bf16 on sm_80+ and only
+    for aligned shapes (C and every C_out a multiple of 16); sm_75 has none (tl.dot lowers to FFMA)."""
+    calls = []
     for cfg in configs_for_arch(cc):
-        for dt in ("fp16", "bf16"):
-            common = dict(ALIGN=16, INPUT_PRECISION="tf32")
-            bm, bn, bk = cfg.fwd[:3]
-            for has_bias in (False, True):
-                specs.append(spec(_temporal_proj_fwd_kernel, "temporal_proj_fwd", cfg.name, dt, cfg.fwd,
-                                  dict(common, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                       GROUP_M=cfg.group)))
-            bm, bc, bk = cfg.dx[:3]
-            specs.append(spec(_temporal_proj_bwd_dx_kernel, "temporal_proj_bwd_dx", cfg.name, dt, cfg.dx,
-                              dict(common, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, GROUP_M=cfg.group)))
-            bn, bc, bk = cfg.dw[:3]
-            specs.append(spec(_temporal_proj_bwd_dw_kernel, "temporal_proj_bwd_dw", cfg.name, dt, cfg.dw,
-                              dict(common, BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, GROUP_N=cfg.group)))
-    return specs
+        C, oc = (64, [64, 64, 32]) if cfg.name == "small" else (256, [256, 256, 128])
+        calls += [(dt, C, oc, [7, 7, 1]) for dt in ("fp16", "bf16")]
+    return calls
+
+
+def record_call(cc: int, dtype, C: int, out_channels, kernel_sizes, bias: bool = True):
+    """Recorded kernel launches of one forward (+ backward for x and the weights) on arch ``cc``:
+    [(Launch, config label)]. x arrives channels-last, as the STSSA head's LayerNorm output does
+    (an NCTHW x is copied to it by ``k_operand`` first)."""
+    from ._launch import capture_launches
+
+    B, T, H, W = 2, 8, 7, 7
+    x = torch.empty(B, C, T, H, W, dtype=dtype, memory_format=torch.channels_last_3d)
+    wp = torch.empty(sum(k * n for k, n in zip(kernel_sizes, out_channels)), C, dtype=dtype)
+    b = torch.empty(sum(out_channels), dtype=dtype) if bias else None
+    cfg = pick_config(cc, C, out_channels)
+    with capture_launches() as launches:
+        y = temporal_proj_fwd(x, wp, b, out_channels, kernel_sizes, cfg)
+        temporal_proj_bwd(torch.empty_like(y), x, wp, out_channels, kernel_sizes, True, True, cfg)
+    tag = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    out = []
+    for ln in launches:
+        kw = ln.kwargs
+        blocks = [v for k, v in kw.items() if k.startswith("BLOCK_")]
+        flags = "".join(f" {k.lower()}={int(v)}" for k, v in kw.items() if isinstance(v, bool))
+        out.append((ln, f"{cfg.name} {tag}{flags} {'x'.join(map(str, blocks))} w{kw['num_warps']} s{kw['num_stages']}"))
+    return out
+
+
+def compile_specs(cc: int) -> list:
+    """Every kernel variant the JIT compiles for ``compile_workloads(cc)`` (with and without bias)."""
+    from ..compile_check import specs_from_launches
+
+    recorded = []
+    for dt, C, oc, ks in compile_workloads(cc):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+        for bias in (False, True):
+            recorded += [(ln, label, "channels_last") for ln, label in record_call(cc, dtype, C, oc, ks, bias)]
+    return specs_from_launches(recorded, cc)
+
+
+def retarget(launcher: str, args: tuple, kwargs: dict, cc: int) -> tuple[tuple, dict]:
+    """A recorded call of ``temporal_proj_fwd``/``temporal_proj_bwd`` with its tile configuration
+    replaced by what ``pick_config`` picks on arch ``cc``."""
+    import inspect
+
+    bound = inspect.signature(globals()[launcher]).bind(*args, **kwargs)
+    a = bound.arguments
+    a["cfg"] = pick_config(cc, a["x"].shape[1], a["out_channels"])
+    return bound.args, bound.kwargs
