@@ -12,7 +12,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "stssa_kernels: the compiled extension stssa_kernels._C is missing or does not load "
-        f"({e}). Build it with `pip install -e .` (or `make build`) against "
+        f"({e}). Build it with `pip install -e . --no-build-isolation` (or `make build`) against "
         "the torch you import."
     ) from e
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,10 +15,6 @@ import stssa_kernels
 from stssa_kernels import RoIAlign3d, roi_align3d
 from stssa_kernels.reference import roi_align3d_ref
 from stssa_kernels.reference.roi_align3d import roi_align3d_ref_loop
-
-# The specification; a CPU-only torch may have no matching torchvision (scripts/smoke_ops.py still checks
-# roi_align3d there, against bilinear planes).
-torchvision = pytest.importorskip("torchvision", reason="torchvision (the roi_align specification) is not installed")
 
 CUDA = torch.cuda.is_available() and stssa_kernels.HAS_CUDA_KERNELS
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CUDA kernels")

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def _tv_roi_align():
-    # Imported on use: torchvision must match torch exactly, and `import stssa_kernels` must work without it.
-    try:
-        from torchvision.ops import roi_align
-    except ImportError as e:
-        raise ImportError(f"the roi_align3d reference needs torchvision, which does not import here ({e}); "
-                          "install the torchvision build that matches your torch") from e
-    return roi_align
+from torchvision.ops import roi_align
 
 
 def _as_rois(boxes, input: Tensor) -> Tensor:
@@ -45,7 +36,7 @@ def roi_align3d_ref(input: Tensor, boxes, output_size, spatial_scale: float = 1.
     else:
         rois_t = rois.clone()
     rois_t[..., 0] = rois_t[..., 0] * t + tt  # image index of (clip, frame)
-    out = _tv_roi_align()(frames, rois_t.reshape(k * t, 5), output_size, spatial_scale, sampling_ratio, aligned)
+    out = roi_align(frames, rois_t.reshape(k * t, 5), output_size, spatial_scale, sampling_ratio, aligned)
     oh, ow = out.shape[-2:]
     return out.reshape(k, t, c, oh, ow).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -54,7 +45,6 @@ def roi_align3d_ref_loop(input: Tensor, boxes, output_size, spatial_scale: float
                          aligned: bool = False) -> Tensor:
     """Same result as :func:`roi_align3d_ref`, one torchvision call per frame (no feature copy)."""
     rois = _as_rois(boxes, input).to(input.dtype)
-    roi_align = _tv_roi_align()
     outs = []
     for f in range(input.size(2)):
         r = rois if rois.dim() == 2 else rois[:, f]
