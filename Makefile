@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make test   - create .venv, install pinned deps, build the extension, run the whole suite
+#   make test   - create .venv, install pinned deps, build the extension, run the whole suite, then check
+#                 the user's install paths in fresh venvs (scripts/check_install.sh)
 #   make bench  - same set-up, run the benchmarks (results under benchmarks/results/)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,7 @@ export MAX_JOBS ?= 2
 TEST_CUDA_ARCHS ?= 7.5;9.0
 PYTEST := $(VPY) -m pytest -q -p no:cacheprovider
 
-.PHONY: venv build build-test test test-cpu test-interpret compile-check ctest bench demo clean
+.PHONY: venv build build-test test test-cpu test-interpret compile-check ctest test-install bench demo clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -21,7 +22,8 @@ $(STAMP): requirements.txt
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
-# --no-build-isolation: the extension must compile against the torch installed in .venv (see setup.py).
+# --no-build-isolation: compile against the torch already in .venv (plain `pip install -e .` works too,
+# but first installs a second torch into pip's isolated build environment).
 build: $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
@@ -29,7 +31,7 @@ build-test: $(STAMP)
 	STSSA_CUDA_ARCHS="$${STSSA_CUDA_ARCHS:-$(TEST_CUDA_ARCHS)}" $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build-test
-	$(MAKE) --no-print-directory test-cpu test-interpret compile-check ctest
+	$(MAKE) --no-print-directory test-cpu test-interpret compile-check ctest test-install
 
 # Everything except the Triton-interpreter tests (those need TRITON_INTERPRET=1 set before triton loads).
 test-cpu:
@@ -49,6 +51,11 @@ ctest: $(STAMP)
 	cmake --build build/cmake -j $(MAX_JOBS)
 	cd build/cmake && ctest --output-on-failure
 
+# Fresh venvs under build/install-check: plain `pip install -e .` (build isolation) + smoke test; one wheel
+# from plain `pip wheel .` under torch 2.13 CPU-only: CPU suite, then triton 3.6 interpreter tests + compile check.
+test-install:
+	PYTHON=$(PYTHON) bash scripts/check_install.sh
+
 bench: build
 	$(VPY) benchmarks/roi_align3d.py
 	$(VPY) benchmarks/attn3d.py
@@ -59,4 +66,4 @@ demo: build
 	$(VPY) -m stssa.demo
 
 clean:
-	rm -rf build *.egg-info stssa_kernels/*.so
+	rm -rf build dist *.egg-info stssa_kernels/*.so

@@ -1,31 +1,50 @@
-"""Build script for stssa-kernels.
+"""Build script for the C++/CUDA extension ``stssa_kernels._C`` (metadata lives in pyproject.toml).
 
-The C++/CUDA extension ``stssa_kernels._C`` is compiled with ninja against the *installed* torch, so
-install with ``pip install -e . --no-build-isolation``: an isolated build environment would fetch a
-different torch wheel to compile against, and the resulting binary would not load next to the torch
-in your environment.
+``pip install -e .``, ``pip install .`` and ``pip wheel .`` build it in pip's isolated build environment
+against the torch that environment gets (``torch>=2.10`` in ``build-system.requires``); the extension
+targets the LibTorch stable ABI, so it also loads next to any other torch >= 2.10. Add
+``--no-build-isolation`` to compile against the torch already installed (no second torch download: the
+fast path ``make`` uses).
 
 Environment variables:
-  FORCE_CUDA=1          compile the CUDA kernels even without a visible GPU (needs nvcc); fail if
-                        that is impossible.
+  FORCE_CUDA=1          compile the CUDA kernels even without a visible GPU; fail, naming what is
+                        missing (nvcc, a CUDA build of torch), if that is impossible.
   STSSA_NO_CUDA=1       never compile CUDA kernels (CPU-only extension).
   STSSA_CUDA_ARCHS      ';'-separated compute capabilities, default "7.5;8.0;8.6;8.9;9.0+PTX"
                         (7.5 = RTX Titan, the project's named target).
   MAX_JOBS              parallel compile jobs for ninja.
+
+A set-up that cannot work stops with one line starting ``[stssa-kernels] error:`` (no traceback); a
+build without CUDA kernels says why in a line starting ``[stssa-kernels] building the CPU kernels only``
+(pip shows build output with ``-v``).
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+MIN_TORCH = (2, 10)
 
 
 def _log(msg):
     print(f"[stssa-kernels] {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(msg):
+    """Stop the build with one line (pip prints it as is; a traceback would bury it)."""
+    print(f"[stssa-kernels] error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _version_tuple(version):
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _find_cuda_home():
@@ -55,40 +74,61 @@ _cuda_home = _find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home  # before torch.utils.cpp_extension reads it
 
-import torch  # noqa: E402
+
+def _import_torch():
+    """The torch to compile against, >= 2.10, or one line saying what is wrong."""
+    need = ".".join(map(str, MIN_TORCH))
+    try:
+        import torch
+    except ImportError as e:
+        _fail(f"stssa-kernels needs torch >= {need} to build, and torch does not import here ({e}); "
+              "install torch into this environment first, or drop --no-build-isolation so that pip "
+              "builds in an isolated environment holding torch")
+    if _version_tuple(torch.__version__) < MIN_TORCH:
+        _fail(f"stssa-kernels needs torch >= {need}, found {torch.__version__} "
+              f"(at {os.path.dirname(torch.__file__)}); upgrade torch")
+    return torch
+
+
+torch = _import_torch()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _wheel_cuda_includes():
-    """Include dirs of the CUDA library headers shipped inside torch's CUDA wheels (nvidia/*/include).
-
-    A compiler-only toolkit (nvcc + cudart) lacks cuBLAS/cuSPARSE/... headers that ATen's CUDA headers
-    include; the CUDA build of torch brings them under site-packages/nvidia/cu13/include (CUDA 13) or
-    nvidia/<lib>/include (CUDA 12).
-    """
+def _nvcc_release(nvcc):
+    """(major, minor) of ``nvcc --version``, or None if it does not run."""
     try:
-        import nvidia  # namespace package installed with the CUDA build of torch
-    except ImportError:
-        return []
-    dirs = []
-    for base in list(getattr(nvidia, "__path__", [])):
-        dirs += sorted(d for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d))
-    return dirs
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _want_cuda():
+    """(compile the CUDA kernels?, why): every reason a CUDA build is impossible is named."""
     if os.environ.get("STSSA_NO_CUDA", "0") == "1":
         return False, "STSSA_NO_CUDA=1"
     force = os.environ.get("FORCE_CUDA", "0") == "1"
-    nvcc = _cuda_home and os.path.exists(os.path.join(_cuda_home, "bin", "nvcc"))
+    missing = []
     if torch.version.cuda is None:
-        reason = f"torch {torch.__version__} is a CPU-only build"
-    elif not nvcc:
-        reason = "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
-    else:
+        missing.append(f"torch {torch.__version__} is a CPU-only build (a CUDA build of torch is needed)")
+    nvcc = os.path.join(_cuda_home, "bin", "nvcc") if _cuda_home else None
+    if not (nvcc and os.path.exists(nvcc)):
+        where = f"CUDA_HOME={os.environ['CUDA_HOME']}" if os.environ.get("CUDA_HOME") else \
+            "PATH, /usr/local/cuda"
+        missing.append(f"no nvcc found (looked in {where}; install the CUDA toolkit or set CUDA_HOME)")
+    elif torch.version.cuda is not None:
+        release = _nvcc_release(nvcc)
+        if release is None:
+            missing.append(f"{nvcc} --version does not run")
+        elif release[0] != _version_tuple(torch.version.cuda)[0]:
+            missing.append(f"nvcc is CUDA {release[0]}.{release[1]} but torch {torch.__version__} was built "
+                           f"with CUDA {torch.version.cuda} (the major versions must match)")
+    if not missing:
         return True, f"nvcc in {_cuda_home}, torch CUDA {torch.version.cuda}"
+    reason = "; ".join(missing)
     if force:
-        raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be compiled: {reason}")
+        _fail(f"FORCE_CUDA=1 but the CUDA kernels cannot be compiled: {reason}")
     return False, reason
 
 
@@ -127,17 +167,9 @@ def _extensions():
     ext.extra_link_args = list(ext.extra_link_args or []) + ["-l:libcudart_static.a", "-lrt", "-ldl", "-lpthread"]
     return [ext]
 
+# Name, version, dependencies and packages are in pyproject.toml.
 setup(
-    name="stssa-kernels",
-    version="0.1.0",
-    description="Fused 3-D self-attention, temporal projections and temporally-resolved RoIAlign "
-                "for video action detection (STSSA)",
-    packages=find_packages(include=["stssa_kernels*", "stssa*"]),
-    package_data={"stssa": ["configs/*.yaml"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API_TAG}},
-    zip_safe=False,
 )

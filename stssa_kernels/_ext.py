@@ -1,5 +1,11 @@
 """Loads the compiled extension, whose static initialisers register the C++ schemas and kernels."""
+import re
+
 import torch  # first: _C links against libtorch/libc10, which importing torch loads
+
+_found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+if _found is None or (int(_found.group(1)), int(_found.group(2))) < (2, 10):  # the stable ABI's floor
+    raise ImportError(f"stssa-kernels needs torch >= 2.10, found {torch.__version__}")
 
 try:
     from . import _C  # noqa: F401

@@ -3,6 +3,7 @@ fused-vs-reference equivalence of the heads, pretrained-checkpoint key mapping."
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -16,6 +17,10 @@ ABLATION_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")
                           if p.stem.startswith(("stssa_", "baseline_")))
 TINY_BACKBONE = {"depths": [1, 1, 1, 1], "width": 4}
 FUSED_STSSA = available("attention3d", True) and available("temporal_proj", True)
+
+# The reference path (use_fused=False) pools RoIs with torchvision, which a CPU-only torch may lack.
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="the reference path needs torchvision, which is not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +94,7 @@ def test_tiny_backbone_forward_backward_and_freeze_bn():
 
 
 # ------------------------------------------------------------------------------------- named configs
+@needs_torchvision
 def test_full_detector_shapes_at_paper_size():
     """The full model of the paper (I3D-R50 + 2-layer STSSA head, 2048-d) at 32x256x256, on the meta device."""
     cfg = load_config("stssa_ssfa_tsfa_gap2048_2l_ln")
@@ -99,6 +105,7 @@ def test_full_detector_shapes_at_paper_size():
 
 
 @pytest.mark.parametrize("name", ABLATION_CONFIGS)
+@needs_torchvision
 def test_named_config_full_shapes(name):
     """Every ablation config's head at the paper's shapes (res5 map [2, 2048, 16, 16, 16], stride 16) on
     the meta device (no memory, no compute)."""
@@ -141,6 +148,7 @@ def test_named_config_tiny_forward_backward(name):
             assert p.grad.abs().sum() > 0, n
 
 
+@needs_torchvision
 def test_gamma_zero_makes_the_attention_blocks_identity():
     gen = torch.Generator().manual_seed(2)
     head = STSSAHead(16, axes=("spatial", "temporal"), num_layers=2, embed_dim=8, use_fused=False).eval()
@@ -201,6 +209,7 @@ STSSA_HEADS = [
 
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
 @pytest.mark.parametrize("head", STSSA_HEADS)
+@needs_torchvision
 def test_stssa_fused_matches_reference_float64_forward(head):
     r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": head}, torch.float64, seed=3)
     torch.testing.assert_close(r[True][0], r[False][0], rtol=1e-12, atol=1e-14)
@@ -208,6 +217,7 @@ def test_stssa_fused_matches_reference_float64_forward(head):
 
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
 @pytest.mark.parametrize("head", STSSA_HEADS)
+@needs_torchvision
 def test_stssa_fused_matches_reference_float64_gradients(head):
     r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": head}, torch.float64, seed=3)
     for n in r[False][1]:
@@ -240,12 +250,14 @@ STSSA_2L = {"backbone": TINY_BACKBONE, "head": {"type": "stssa", "axes": ["spati
 
 
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+@needs_torchvision
 def test_stssa_fused_float32_error_within_rule():
     """fp32 fused vs fp64 reference, against fp32 reference vs fp64 reference (the 2x rule)."""
     _check_error_rule(STSSA_2L, seed=4)
 
 
 @pytest.mark.skipif(not FUSED_STSSA, reason="stssa_kernels.attention3d / temporal_proj are not in this build")
+@needs_torchvision
 def test_stssa_fused_cpu_bf16_autocast_error_within_rule():
     _check_error_rule(STSSA_2L, seed=6, amp=torch.bfloat16)
 
@@ -262,6 +274,7 @@ def test_gpu_stssa_fused_error_within_rule(amp, embed_dim):
 
 
 @pytest.mark.parametrize("fused", [True, False] if FUSED_STSSA else [False])
+@needs_torchvision
 def test_recompute_gives_the_same_outputs_and_gradients(fused):
     """``recompute`` (activation checkpointing of each block's projections + attention) changes what is
     kept for the backward, not the numbers."""
@@ -282,6 +295,7 @@ def test_recompute_gives_the_same_outputs_and_gradients(fused):
         torch.testing.assert_close(runs[0][1][n], runs[1][1][n], rtol=1e-12, atol=1e-14, msg=n)
 
 
+@needs_torchvision
 def test_baseline_fused_matches_reference_float64():
     """The baseline head's two paths (roi_align3d on the T=1 mean vs torchvision roi_align)."""
     r = _fused_vs_reference({"backbone": TINY_BACKBONE, "head": {"type": "baseline"}}, torch.float64, seed=5)
@@ -290,6 +304,7 @@ def test_baseline_fused_matches_reference_float64():
         torch.testing.assert_close(r[True][1][n], r[False][1][n], rtol=1e-9, atol=1e-12, msg=n)
 
 
+@needs_torchvision
 def test_stssa_reference_gradcheck_float64():
     """The reference path itself is differentiable end to end (gradcheck on a very small head)."""
     gen = torch.Generator().manual_seed(6)
