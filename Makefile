@@ -41,7 +41,7 @@ test-interpret:
 	TRITON_INTERPRET=1 $(PYTEST) tests -m interpret
 
 compile-check:
-	$(VPY) -m stssa_kernels.compile_check --arch sm_75 --arch sm_80 --arch sm_90
+	$(VPY) -m stssa_kernels.compile_check --arch sm_75 --arch sm_80 --arch sm_86 --arch sm_90
 
 ctest: $(STAMP)
 	mkdir -p build

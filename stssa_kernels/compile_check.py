@@ -386,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     ap.add_argument("--dots", action="store_true", help="print the lowering of every tl.dot (source line: kind)")
     ap.add_argument("--list", action="store_true", help="list the variants per arch without compiling")
+    ap.add_argument("--spills-are-warnings", action="store_true",
+                    help="report spills but fail only on build errors (an older Triton whose tiles are not tuned "
+                         "yet: its API is checked, its register allocation is reported)")
     args = ap.parse_args(argv)
     archs = [int(a.replace("sm_", "")) for a in (args.arch or DEFAULT_ARCHS)]
     if args.list:
@@ -403,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
     bad = [r for r in rows if not r.status.startswith("ok") and r.status != "skipped"]
+    if args.spills_are_warnings:
+        spills = [r for r in bad if r.status == "SPILL"]
+        bad = [r for r in bad if r.status != "SPILL"]
+        print(f"\n{len(spills)} builds spill (reported only: --spills-are-warnings)")
     print(f"\n{len(rows)} kernel builds checked, {len(bad)} problems")
     return 1 if bad else 0
 

@@ -378,7 +378,6 @@ def test_dispatch_table():
     assert _pick("cuda", 90, f64, "full", 4096, 64, 64).backend == "torch_math"
     # sm_75: long fp16 spatial/full sequences at the tested head dim go to the CUTLASS kernel
     assert _pick("cuda", 75, f16, "spatial", 256, 64, 64).backend == "sdpa_efficient"
-    assert _pick("cuda", 75, f16, "full", 4096, 128, 128).backend != "sdpa_efficient"  # untested head dim
     # sm_75 bf16: PyTorch math in fp32, never the Triton bf16 code
     assert _pick("cuda", 75, bf16, "spatial", 49, 64, 512).backend == "torch_math"
     # every rule says why; the choice prints with its rule
@@ -397,6 +396,7 @@ def test_dispatch_table_triton():
         for dt in (f16, f32):
             assert _pick("cuda", cc, dt, "spatial", 49, 2048, 2048).plan.kind == "packed"
     assert _pick("cuda", 75, f16, "full", 4096, 64, 512).backend == "triton"  # Dk != Dv: not SDPA's
+    assert _pick("cuda", 75, f16, "full", 4096, 128, 128).backend == "triton"  # untested head dim: not SDPA's
     assert _pick("cuda", 75, f32, "full", 4096, 64, 64).backend == "triton"  # fp32: both FFMA
     for cc in (80, 90):
         assert _pick("cuda", cc, f16, "full", 4096, 128, 128).plan.kind == "flash"
