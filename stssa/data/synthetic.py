@@ -22,29 +22,48 @@ moving over a static textured background with mild sensor noise. A person's stat
 half-second between keyframes, so the window around a keyframe shows one state. Labels (real AVA ids from
 the 60 evaluated classes, 1-4 per person and keyframe):
 
-=====  ==========================  ===========================================================  ========
+=====  ==========================  ===========================================================  ===========
 id     AVA class                   what the video shows                                         cue
-=====  ==========================  ===========================================================  ========
-12     stand                       no motion                                                    time
-14     walk                        horizontal translation, 0.5-0.8 % of the width per frame     time
-10     run/jog                     horizontal translation, 1.4-2.0 % of the width per frame     time
-7      jump/leap                   periodic vertical bounce (period 20 frames)                  time
-6      get up                      height grows from 0.6x to 1x over the second                 time
-1      bend/bow (at the waist)     height shrinks from 1x to 0.6x over the second               time
-69     hand wave                   hand patch oscillates up and down (period 18 frames);        time
+=====  ==========================  ===========================================================  ===========
+12     stand                       no motion                                                    motion
+14     walk                        horizontal translation, 0.5-0.8 % of the width per frame     motion
+10     run/jog                     horizontal translation, 1.4-2.0 % of the width per frame     motion
+7      jump/leap                   periodic vertical bounce (period 20 frames)                  motion
+6      get up                      height grows from 0.6x to 1x over the second                 motion
+1      bend/bow (at the waist)     height shrinks from 1x to 0.6x over the second               motion
+69     hand wave                   hand patch oscillates up and down (period 18 frames);        motion
                                    everyone has a hand patch, still when not waving
-79     talk to (a person)          next to a partner; head patch brightness changes every       time
+79     talk to (a person)          next to a partner; head patch brightness changes every       motion
                                    frame (others' head patches have a constant random shade)
-74     listen to (a person)        the partner of a talker                                      time
-64     fight/hit (a person)        two persons side by side oscillating towards each other     time
+74     listen to (a person)        the partner of a talker (nothing in the own box)             interaction
+                                                                                                (outside box)
+64     fight/hit (a person)        two persons side by side oscillating towards each other     motion
                                    (period 10 frames); also labelled stand
-17     carry/hold (an object)      holds a yellow box, or a book                                 look
-48     read                        holds a book (white sheet on the chest); also carry/hold      look
-=====  ==========================  ===========================================================  ========
+65     give/serve (to a person)    next to a partner; holds a magenta object on the partner's   interaction
+                                   side until 4 frames before the keyframe, then not            (in box, order)
+78     take (from a person)        the partner of a giver: holds the magenta object from 4      interaction
+                                   frames after the keyframe on                                 (in box, order)
+38     open                        signal patch (lower torso) red at keyframe offsets           order
+                                   [-14, -7) frames, blue at [7, 14)
+22     close                       the same, blue first, red second                             order
+67     hand clap                   signal patch white three times 4 frames ([-12,-8), [-2,2),   count
+                                   [8,12))
+34     hit (an object)             signal patch white once for 12 frames ([-6, 6))              count
+15     answer phone                signal patch green for 24 frames ([-12, 12))                 duration
+59     touch (an object)           signal patch green for 6 frames ([-3, 3))                    duration
+17     carry/hold (an object)      holds a yellow box, or a book                                appearance
+48     read                        holds a book (white sheet on the chest); also carry/hold     appearance
+=====  ==========================  ===========================================================  ===========
 
-So a single frame tells only the appearance classes (17, 48) and that two persons stand close; speed,
-direction of growth, periodic motion and who is talking need several frames. Get up and bend/bow have the
-same height at the keyframe and differ only in the direction of change.
+(``ACTION_CUES`` holds the cue column.) So a single frame tells only the appearance classes (17, 48) and
+that two persons stand close; speed, direction of growth, periodic motion and who is talking need several
+frames. Get up and bend/bow have the same height at the keyframe and differ only in the direction of
+change. Open and close show the same two colours for the same time and differ only in their order, the
+two sub-events 14 frames apart (the clip spans 32); hand clap and hit have the same white on-time and
+differ in the number of flashes; answer phone and touch differ in how long the flash lasts. Give and
+take are the in-box interaction: each person's own box shows the object, and only the order (held then
+gone, or gone then held) tells the giver from the taker; listen stays the one class whose cue lies
+outside the person's box. The signal patch carries at most one of its six events per person and second.
 
 Proposals imitate a person detector: each person is found with probability 0.97, its box jittered by
 about 5 % of its size, score near 1 (``1 - |N(0, 0.1)|``); some duplicates with lower scores; about 0.8
@@ -71,7 +90,7 @@ from PIL import Image
 from stssa.data.labels import AVA_ACTIONS, AVA_EVAL_IDS, labelmap_pbtxt
 
 __all__ = ["make_dataset", "simulate_video", "render_video", "SYNTHETIC_ACTIONS", "TEMPORAL_ACTIONS",
-           "APPEARANCE_ACTIONS", "main"]
+           "APPEARANCE_ACTIONS", "ACTION_CUES", "SIGNAL_EVENTS", "main"]
 
 FPS = 30
 VIDEO_START_SEC = 900
@@ -79,16 +98,44 @@ FIRST_KEYFRAME_SEC = 902
 
 STAND, WALK, RUN, JUMP, GET_UP, BEND = 12, 14, 10, 7, 6, 1
 HAND_WAVE, TALK, LISTEN, FIGHT, CARRY, READ = 69, 79, 74, 64, 17, 48
+OPEN, CLOSE, CLAP, HIT_OBJECT, PHONE, TOUCH, GIVE, TAKE = 38, 22, 67, 34, 15, 59, 65, 78
 _NAMES = {i: n for i, n, _ in AVA_ACTIONS}
-SYNTHETIC_ACTIONS: dict[int, str] = {
-    i: _NAMES[i] for i in (STAND, WALK, RUN, JUMP, GET_UP, BEND, HAND_WAVE, TALK, LISTEN, FIGHT, CARRY, READ)}
-TEMPORAL_ACTIONS = (STAND, WALK, RUN, JUMP, GET_UP, BEND, HAND_WAVE, TALK, LISTEN, FIGHT)
-APPEARANCE_ACTIONS = (CARRY, READ)
+#: The cue each class needs: ``appearance`` (one frame tells), ``motion`` (a local change over a few
+#: frames: speed, direction, oscillation, flicker), ``order`` (which of two sub-events inside the clip comes
+#: first; each alone looks the same in both classes), ``count`` (how many flashes, with the same total
+#: on-time), ``duration`` (how long one flash lasts), ``interaction`` (the cue is the partner; ``in box``:
+#: visible inside the person's own box, ``outside box``: only in the partner's box).
+ACTION_CUES: dict[int, str] = {
+    STAND: "motion", WALK: "motion", RUN: "motion", JUMP: "motion", GET_UP: "motion", BEND: "motion",
+    HAND_WAVE: "motion", TALK: "motion", FIGHT: "motion", LISTEN: "interaction (outside box)",
+    CARRY: "appearance", READ: "appearance", OPEN: "order", CLOSE: "order", CLAP: "count", HIT_OBJECT: "count",
+    PHONE: "duration", TOUCH: "duration", GIVE: "interaction (in box, order)", TAKE: "interaction (in box, order)",
+}
+SYNTHETIC_ACTIONS: dict[int, str] = {i: _NAMES[i] for i in ACTION_CUES}
+APPEARANCE_ACTIONS = tuple(i for i, c in ACTION_CUES.items() if c == "appearance")
+TEMPORAL_ACTIONS = tuple(i for i, c in ACTION_CUES.items() if c != "appearance")
 assert set(SYNTHETIC_ACTIONS) <= set(AVA_EVAL_IDS)
 
 _LOCOMOTION = (STAND, WALK, RUN, JUMP, GET_UP, BEND)
 _LOCO_P = np.array([0.24, 0.20, 0.15, 0.13, 0.14, 0.14])
 _JUMP_PERIOD, _WAVE_PERIOD, _FIGHT_PERIOD = 20, 18, 10  # frames
+# Signal-patch events (a patch on the lower torso), as (colour, [start, stop) frame offsets from the
+# keyframe). The clip (16 frames every 2nd) covers offsets -16..14. Order: the two colours 14 frames (7
+# sampled frames, beyond the ~6-frame reach of the stem + shortcuts) apart; count: 3 x 4 frames vs 1 x 12
+# frames, the same on-time, so a temporal mean of the patch is the same; duration: 24 vs 6 frames.
+_RED, _BLUE, _WHITE, _GREEN = (220, 30, 30), (30, 60, 230), (250, 250, 250), (40, 200, 60)
+SIGNAL_EVENTS: dict[int, tuple] = {
+    OPEN: ((_RED, -14, -7), (_BLUE, 7, 14)),
+    CLOSE: ((_BLUE, -14, -7), (_RED, 7, 14)),
+    CLAP: ((_WHITE, -12, -8), (_WHITE, -2, 2), (_WHITE, 8, 12)),
+    HIT_OBJECT: ((_WHITE, -6, 6),),
+    PHONE: ((_GREEN, -12, 12),),
+    TOUCH: ((_GREEN, -3, 3),),
+}
+_SIGNALS = (0, OPEN, CLOSE, CLAP, HIT_OBJECT, PHONE, TOUCH)
+_SIGNAL_P = np.array([0.46, 0.09, 0.09, 0.09, 0.09, 0.09, 0.09])
+_GIFT = (250, 40, 230)  # the object handed over in give/take
+_GIFT_SWITCH = 4  # the giver holds it before offset -4, the taker from offset +4
 _ID_ALPHABET = string.ascii_letters + string.digits + "-_"
 
 
@@ -138,6 +185,8 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
             "wave": _markov(rng, seconds, (False, True), np.array([0.75, 0.25]), 0.6),
             "inter": [None] * seconds,  # (kind, role, partner)
         }
+        # Drawn after the constants above so the rest of a video's plan keeps its random stream.
+        p["signal"] = _markov(rng, seconds, _SIGNALS, _SIGNAL_P, 0.0)
         # get up / bend last one segment: repeated ones would stack growth without a reset, so break runs.
         for k in range(1, seconds):
             if p["loco"][k] in (GET_UP, BEND) and p["loco"][k - 1] == p["loco"][k]:
@@ -145,9 +194,9 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
         persons.append(p)
 
     # One or two interactions per video, 2-3 segments each, between two persons free at that time.
-    for _ in range(int(rng.integers(1, 3)) if n_persons >= 2 and seconds >= 2 else 0):
+    for _ in range(int(rng.integers(1, 4)) if n_persons >= 2 and seconds >= 2 else 0):
         a, b = sorted(int(i) for i in rng.choice(n_persons, 2, replace=False))
-        kind = "talk" if rng.random() < 0.5 else "fight"
+        kind = ("talk", "fight", "give")[int(rng.choice(3, p=[0.35, 0.3, 0.35]))]
         length = int(min(rng.integers(2, 4), seconds))
         k0 = int(rng.integers(0, seconds - length + 1))
         span = range(k0, k0 + length)
@@ -158,6 +207,9 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
             if kind == "talk":
                 persons[talker]["inter"][k] = ("talk", TALK, listener)
                 persons[listener]["inter"][k] = ("talk", LISTEN, talker)
+            elif kind == "give":  # talker / listener reused as giver / taker
+                persons[talker]["inter"][k] = ("give", GIVE, listener)
+                persons[listener]["inter"][k] = ("give", TAKE, talker)
             else:
                 persons[a]["inter"][k] = ("fight", FIGHT, b)
                 persons[b]["inter"][k] = ("fight", FIGHT, a)
@@ -165,8 +217,9 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
 
     # Integrate per frame.
     for p in persons:
-        for key in ("x", "y2", "h", "w", "hand_v", "head", "obj"):
+        for key in ("x", "y2", "h", "w", "hand_v", "head", "obj", "gift"):
             p[key] = np.zeros(n_frames)
+        p["sig"] = np.zeros((n_frames, 3))  # signal-patch colour, 0 = no patch
     pos = [[p["x0"], p["ground"], 1] for p in persons]  # x, ground y, walking direction
     for f in range(n_frames):
         k = int(seg[f])
@@ -210,6 +263,15 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
                 else p["hand_v0"]
             p["head"][f] = rng.uniform(30, 230) if inter is not None and inter[1] == TALK else p["head_shade"]
             p["obj"][f] = p["objs"][k]
+            r = f - (FIRST_KEYFRAME_SEC - VIDEO_START_SEC + k) * FPS  # offset from the segment's keyframe
+            for colour, r0, r1 in SIGNAL_EVENTS.get(p["signal"][k], ()):
+                if r0 <= r < r1:
+                    p["sig"][f] = colour
+            if inter is not None and inter[0] == "give":
+                # +1 / -1: the gift is shown on the side facing the partner (sign of the direction).
+                toward = np.sign(pos[inter[2]][0] - pos[pi][0]) or 1.0
+                holds = r < -_GIFT_SWITCH if inter[1] == GIVE else r >= _GIFT_SWITCH
+                p["gift"][f] = toward if holds else 0.0
 
     labels, boxes = [], []
     for k in range(seconds):
@@ -226,6 +288,8 @@ def simulate_video(rng: np.random.Generator, seconds: int, height: int, width: i
                 labs.add(HAND_WAVE)
             if inter is not None:
                 labs.add(inter[1])
+            if p["signal"][k]:
+                labs.add(p["signal"][k])
             lk.append(sorted(labs))
             bk.append(_body_box(p, f, height, width))
         labels.append(lk)
@@ -298,6 +362,12 @@ def render_video(sim: dict, rng: np.random.Generator, height: int, width: int):
                 _paste(frame, y1 + 0.55 * h, y1 + 0.55 * h + s, ox - s / 2, ox + s / 2, (250, 215, 0))
             elif p["obj"][f] == 2:  # book: white sheet on the chest
                 _paste(frame, y1 + 0.4 * h, y1 + 0.62 * h, x - 0.3 * w, x + 0.3 * w, (245, 245, 245))
+            if p["sig"][f].any():  # signal patch on the lower torso
+                _paste(frame, y1 + 0.66 * h, y1 + 0.84 * h, x - 0.32 * w, x + 0.32 * w, p["sig"][f])
+            if p["gift"][f]:  # the handed-over object, at the side facing the partner
+                s = 0.4 * w
+                gx = x + p["gift"][f] * (w / 2 - s / 2)
+                _paste(frame, y1 + 0.3 * h, y1 + 0.3 * h + s, gx - s / 2, gx + s / 2, _GIFT)
         yield np.clip(frame, 0, 255).astype(np.uint8)
 
 
@@ -467,8 +537,7 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         "fps": FPS, "video_start_sec": VIDEO_START_SEC, "frames_per_video": (seconds + 3) * FPS,
         "frame_pattern": "{video_id}/{video_id}_{frame:06d}.jpg", "frame_start": 1,
         "keyframes": [FIRST_KEYFRAME_SEC, FIRST_KEYFRAME_SEC + seconds - 1],
-        "classes": {str(i): {"name": n, "cue": "appearance" if i in APPEARANCE_ACTIONS else "temporal"}
-                    for i, n in SYNTHETIC_ACTIONS.items()},
+        "classes": {str(i): {"name": n, "cue": ACTION_CUES[i]} for i, n in SYNTHETIC_ACTIONS.items()},
         "videos": {s: [v for v in ids if split_of[v] == s] for s in ("train", "val")},
         "excluded": [f"{v},{t}" for v, t in sorted(excluded)],
         "label_rows": {s: {str(k): v for k, v in sorted(c.items())} for s, c in label_counts.items()},

@@ -38,7 +38,8 @@ class ActionDetector(nn.Module):
 
 _HEAD_KEYS = {
     "stssa": {"axes", "num_layers", "embed_dim", "branches", "slow_kernel", "heads", "layernorm", "pool",
-              "dropout", "roi_size", "sampling_ratio", "aligned", "recompute"},
+              "dropout", "roi_size", "sampling_ratio", "aligned", "recompute", "scale", "gamma_init",
+              "norm_position"},
     "baseline": {"pool", "dropout", "roi_size", "sampling_ratio", "aligned"},
 }
 

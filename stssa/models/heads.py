@@ -55,7 +55,8 @@ class SlowFastAttention(nn.Module):
     """
 
     def __init__(self, channels: int, embed_dim: int, axis: str, branches: Sequence[str] = ("slow", "fast"),
-                 slow_kernel: int = 7, heads: int = 1, layernorm: bool = False, recompute: bool = False):
+                 slow_kernel: int = 7, heads: int = 1, layernorm: bool = False, recompute: bool = False,
+                 scale: float | None = None, gamma_init: float = 0.0, norm_position: str = "post"):
         super().__init__()
         if axis not in AXES:
             raise ValueError(f"SlowFastAttention: axis must be one of {AXES}, got {axis!r}")
@@ -65,6 +66,12 @@ class SlowFastAttention(nn.Module):
             raise ValueError(f"SlowFastAttention: slow_kernel must be odd, got {slow_kernel}")
         if embed_dim % heads or channels % heads:
             raise ValueError(f"SlowFastAttention: heads={heads} must divide embed_dim={embed_dim} and channels={channels}")
+        if norm_position not in ("post", "pre"):
+            raise ValueError(f"SlowFastAttention: norm_position must be 'post' or 'pre', got {norm_position!r}")
+        if scale is not None and not float(scale) > 0:
+            raise ValueError(f"SlowFastAttention: scale must be None or > 0, got {scale!r}")
+        self.scale = None if scale is None else float(scale)
+        self.norm_position = norm_position
         self.axis = axis
         self.branches = tuple(branches)
         self.heads = heads
@@ -79,7 +86,7 @@ class SlowFastAttention(nn.Module):
                 "k": nn.Conv3d(channels, embed_dim, (kt, 1, 1), padding=pad),
                 "v": nn.Conv3d(channels, channels, (kt, 1, 1), padding=pad),
             })
-        self.gamma = nn.ParameterDict({b: nn.Parameter(torch.zeros(())) for b in self.branches})
+        self.gamma = nn.ParameterDict({b: nn.Parameter(torch.full((), float(gamma_init))) for b in self.branches})
         self.norm = ChannelLayerNorm(channels) if layernorm else None
 
     def _convs(self):
@@ -89,11 +96,13 @@ class SlowFastAttention(nn.Module):
         temporal_proj = get_op("temporal_proj", self.use_fused)
         attention3d = get_op("attention3d", self.use_fused)
         convs = self._convs()
-        qkv = temporal_proj(x, [c.weight for c in convs], [c.bias for c in convs])
+        # pre-norm: Q/K/V see the normalised input, the residual stream stays un-normalised.
+        src = self.norm(x) if self.norm is not None and self.norm_position == "pre" else x
+        qkv = temporal_proj(src, [c.weight for c in convs], [c.bias for c in convs])
         y = x
         for i, b in enumerate(self.branches):
             q, k, v = qkv[3 * i: 3 * i + 3]
-            y = attention3d(q, k, v, self.axis, heads=self.heads, residual=y, gamma=self.gamma[b])
+            y = attention3d(q, k, v, self.axis, heads=self.heads, scale=self.scale, residual=y, gamma=self.gamma[b])
         return y
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,10 +113,11 @@ class SlowFastAttention(nn.Module):
             y = torch.utils.checkpoint.checkpoint(self._attend, x, use_reentrant=False)
         else:
             y = self._attend(x)
-        return self.norm(y) if self.norm is not None else y
+        return self.norm(y) if self.norm is not None and self.norm_position == "post" else y
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis!r}, branches={self.branches}, heads={self.heads}"
+        return (f"axis={self.axis!r}, branches={self.branches}, heads={self.heads}, scale={self.scale}, "
+                f"norm_position={self.norm_position!r}")
 
 
 class STSSAHead(nn.Module):
@@ -117,7 +127,8 @@ class STSSAHead(nn.Module):
                  num_layers: int = 1, embed_dim: int = 512, branches: Sequence[str] = ("slow", "fast"),
                  slow_kernel: int = 7, heads: int = 1, layernorm: bool = False, pool: str = "avg",
                  dropout: float = 0.5, roi_size: int = 7, spatial_scale: float = 1 / 16,
-                 sampling_ratio: int = 0, aligned: bool = True, use_fused: bool = True, recompute: bool = False):
+                 sampling_ratio: int = 0, aligned: bool = True, use_fused: bool = True, recompute: bool = False,
+                 scale: float | None = None, gamma_init: float = 0.0, norm_position: str = "post"):
         super().__init__()
         if pool not in ("avg", "max"):
             raise ValueError(f"STSSAHead: pool must be 'avg' or 'max', got {pool!r}")
@@ -132,7 +143,8 @@ class STSSAHead(nn.Module):
         self.aligned = bool(aligned)
         self.pool = pool
         self.blocks = nn.ModuleList(
-            SlowFastAttention(in_channels, embed_dim, axis, branches, slow_kernel, heads, layernorm, recompute)
+            SlowFastAttention(in_channels, embed_dim, axis, branches, slow_kernel, heads, layernorm, recompute,
+                              scale, gamma_init, norm_position)
             for _ in range(num_layers) for axis in axes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_channels, num_classes)
@@ -151,7 +163,10 @@ class STSSAHead(nn.Module):
         return roi_align3d(features, rois, self.roi_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
-        x = self.roi_features(features, rois)
+        return self.forward_rois(self.roi_features(features, rois))
+
+    def forward_rois(self, x: Tensor) -> Tensor:
+        """The head after the RoIAlign: ``x [K, C, T, r, r]`` (``roi_features``) -> logits ``[K, classes]``."""
         for block in self.blocks:
             x = block(x)
         x = x.flatten(2)
@@ -195,6 +210,20 @@ class BaselineHead(nn.Module):
             from torchvision.ops import roi_align
             x = roi_align(avg[:, :, 0], rois.to(avg.dtype), self.roi_size, self.spatial_scale, self.sampling_ratio,
                           self.aligned)
+        return self._pool_classify(x)
+
+    def roi_features(self, features: Tensor, rois: Tensor) -> Tensor:
+        """``[N, C, T, H, W], [K, 5] -> [K, C, T, 7, 7]``: the time-resolved RoIAlign (``roi_align3d``), which
+        :meth:`forward_rois` averages over time -- equal to the 2-D RoIAlign of the time average, since
+        bilinear sampling is linear and the same at every ``t``."""
+        roi_align3d = get_op("roi_align3d", self.use_fused)
+        return roi_align3d(features, rois, self.roi_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def forward_rois(self, x: Tensor) -> Tensor:
+        """``x [K, C, T, r, r]`` (``roi_features``) -> logits ``[K, classes]``."""
+        return self._pool_classify(x.mean(2))
+
+    def _pool_classify(self, x: Tensor) -> Tensor:
         x = x.flatten(2)
         x = x.mean(2) if self.pool == "avg" else x.amax(2)
         return self.classifier(self.dropout(x))

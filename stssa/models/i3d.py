@@ -54,6 +54,7 @@ class I3DConfig:
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
     freeze_bn: bool = False              # BN in eval mode with frozen affine (small-batch detection)
+    zero_init_last_bn: bool = True       # each bottleneck's last BN scale starts at 0 (block = identity)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "I3DConfig":
@@ -89,7 +90,7 @@ class Bottleneck(nn.Module):
     """``conv_a`` kt x 1 x 1 -> ``conv_b`` 1 x 3 x 3 (stride, dilation) -> ``conv_c`` 1 x 1 x 1, residual."""
 
     def __init__(self, dim_in: int, dim_inner: int, dim_out: int, kt: int, stride: int, dilation: int,
-                 eps: float, momentum: float):
+                 eps: float, momentum: float, zero_init_last_bn: bool = True):
         super().__init__()
         if dim_in != dim_out or stride != 1:
             self.shortcut = nn.Sequential()
@@ -105,15 +106,20 @@ class Bottleneck(nn.Module):
         self.conv_c = nn.Conv3d(dim_inner, dim_out, 1, bias=False)
         self.bn_c = nn.BatchNorm3d(dim_out, eps=eps, momentum=momentum)
         # Zero-init of the last BN scale (Goyal et al.; PySlowFast ZERO_INIT_FINAL_BN) makes each block
-        # start as identity, which is what lets a from-scratch tiny network train in the CPU demo.
-        nn.init.zeros_(self.bn_c.weight)
+        # start as identity; in a short from-scratch run the scales can stay near 0, so it is optional.
+        if zero_init_last_bn:
+            nn.init.zeros_(self.bn_c.weight)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(residual branch, shortcut)`` of the block for input ``x``, before their sum and ReLU."""
         identity = x if self.shortcut is None else self.shortcut(x)
         y = self.relu(self.bn_a(self.conv_a(x)))
         y = self.relu(self.bn_b(self.conv_b(y)))
-        y = self.bn_c(self.conv_c(y))
+        return self.bn_c(self.conv_c(y)), identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, identity = self.branches(x)
         return self.relu(y + identity)
 
 
@@ -145,7 +151,7 @@ class I3D(nn.Module):
             for j in range(cfg.depths[i]):
                 blocks.append(Bottleneck(dim_in if j == 0 else out, inner, out, pattern[j % len(pattern)],
                                          cfg.spatial_strides[i] if j == 0 else 1, cfg.spatial_dilations[i],
-                                         cfg.bn_eps, cfg.bn_momentum))
+                                         cfg.bn_eps, cfg.bn_momentum, cfg.zero_init_last_bn))
             self.add_module(f"res{i + 2}", nn.Sequential(*blocks))
             dim_in = out
         tp = cfg.temporal_pool
