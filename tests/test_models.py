@@ -160,6 +160,71 @@ def test_gamma_zero_makes_the_attention_blocks_identity():
     torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+def test_zero_init_last_bn_option_and_block_branches():
+    on = I3D(I3DConfig.from_dict(TINY_BACKBONE))
+    off = I3D(I3DConfig.from_dict({**TINY_BACKBONE, "zero_init_last_bn": False}))
+    for name in ("res2", "res3", "res4", "res5"):
+        assert torch.equal(getattr(on, name)[0].bn_c.weight, torch.zeros_like(getattr(on, name)[0].bn_c.weight))
+        assert torch.equal(getattr(off, name)[0].bn_c.weight, torch.ones_like(getattr(off, name)[0].bn_c.weight))
+    block = off.res3[0].eval()
+    x = torch.randn(2, block.conv_a.in_channels, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y, ident = block.branches(x)
+    torch.testing.assert_close(block(x), torch.relu(y + ident), rtol=0, atol=0)
+    assert y.norm() > 0.1 * ident.norm()  # a live residual branch at initialisation
+
+
+@pytest.mark.parametrize("fused", [True, False] if FUSED_STSSA else [False])
+def test_forward_rois_is_forward_after_roi_features(fused):
+    """The ablation trains heads on cached ``roi_features``: ``forward_rois`` must give ``forward``'s logits;
+    for the baseline the temporal mean of the 3-D RoIAlign is the 2-D RoIAlign of the temporal mean."""
+    gen = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 16, 5, 7, 9, generator=gen, dtype=torch.float64)
+    rois = _rois(2, 6, 100, gen, torch.float64)
+    for head in (STSSAHead(16, num_layers=1, embed_dim=8, layernorm=True, use_fused=fused),
+                 BaselineHead(16, pool="max", use_fused=fused), BaselineHead(16, pool="avg", use_fused=fused)):
+        head = head.double().eval()
+        _randomise_gammas(head, gen)
+        torch.testing.assert_close(head.forward_rois(head.roi_features(feats, rois)), head(feats, rois),
+                                   rtol=1e-12, atol=1e-13)
+
+
+def test_head_scale_gamma_init_and_norm_position_keys():
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 16, 4, 6, 6, generator=gen, dtype=torch.float64)
+    rois = _rois(2, 3, 90, gen, torch.float64)
+    kw = {"axes": ("spatial",), "num_layers": 1, "embed_dim": 8, "use_fused": False}
+    torch.manual_seed(0)
+    default = STSSAHead(16, gamma_init=0.7, **kw).double().eval()
+    torch.manual_seed(0)
+    unscaled = STSSAHead(16, gamma_init=0.7, scale=1.0, **kw).double().eval()
+    assert all(float(g.detach()) == pytest.approx(0.7) for b in default.blocks for g in b.gamma.values())
+    x = default.roi_features(feats, rois)
+    # scale=1.0 is SAGAN's softmax(q k) v; the default divides the logits by sqrt(embed_dim).
+    blk = unscaled.blocks[0]
+    convs = blk._convs()
+    qkv = [torch.nn.functional.conv3d(x, c.weight, c.bias, padding=c.padding) for c in convs]
+    want = x
+    for i, b in enumerate(blk.branches):
+        q, k, v = (t.flatten(3).permute(0, 2, 3, 1) for t in qkv[3 * i: 3 * i + 3])  # [K, T, HW, d]
+        att = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        want = want + blk.gamma[b] * att.permute(0, 3, 1, 2).reshape(x.shape)
+    torch.testing.assert_close(blk(x), want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(default.blocks[0](x), want)
+    # pre-norm: the LayerNorm feeds Q/K/V only, the residual stream is not normalised.
+    torch.manual_seed(0)
+    pre = STSSAHead(16, layernorm=True, norm_position="pre", **kw).double().eval()
+    with torch.no_grad():
+        for g in pre.blocks[0].gamma.values():
+            g.zero_()
+    torch.testing.assert_close(pre.blocks[0](x), x, rtol=0, atol=0)
+    for bad, match in (({"norm_position": "mid"}, "norm_position"), ({"scale": 0.0}, "scale")):
+        with pytest.raises(ValueError, match=match):
+            STSSAHead(16, **bad)
+    head = build_head({"type": "stssa", "scale": 1.0, "gamma_init": 0.1, "norm_position": "pre", "layernorm": True},
+                      16, 1 / 16, 80, use_fused=False)
+    assert head.blocks[0].scale == 1.0 and head.blocks[0].norm_position == "pre"
+
+
 def test_head_config_errors():
     with pytest.raises(ValueError, match="pool"):
         STSSAHead(16, pool="sum")
@@ -204,6 +269,8 @@ def _assert_within(err_fused: float, err_torch: float, what: str, floor: float) 
 STSSA_HEADS = [
     {"type": "stssa", "axes": ["spatial", "temporal"], "num_layers": 2, "embed_dim": 8, "layernorm": True, "pool": "avg"},
     {"type": "stssa", "axes": ["temporal"], "num_layers": 1, "embed_dim": 16, "pool": "max", "heads": 2},
+    {"type": "stssa", "axes": ["spatial", "temporal"], "num_layers": 1, "embed_dim": 8, "layernorm": True,
+     "norm_position": "pre", "scale": 1.0, "pool": "avg"},
 ]
 
 

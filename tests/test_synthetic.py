@@ -17,8 +17,8 @@ import pytest
 
 from stssa.data.formats import read_annotations, read_exclusions, read_labelmap, read_proposals
 from stssa.data.labels import AVA_EVAL_IDS, labelmap_pbtxt
-from stssa.data.synthetic import (APPEARANCE_ACTIONS, FPS, SYNTHETIC_ACTIONS, TEMPORAL_ACTIONS, make_dataset,
-                                  simulate_video)
+from stssa.data.synthetic import (ACTION_CUES, APPEARANCE_ACTIONS, FPS, SIGNAL_EVENTS, SYNTHETIC_ACTIONS,
+                                  TEMPORAL_ACTIONS, make_dataset, simulate_video)
 from stssa.evaluate import evaluate_frame_map
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,55 @@ def test_every_label_is_backed_by_its_cue():
     assert seen == set(SYNTHETIC_ACTIONS)
     assert set(TEMPORAL_ACTIONS) | set(APPEARANCE_ACTIONS) == set(SYNTHETIC_ACTIONS)
     assert set(SYNTHETIC_ACTIONS) <= set(AVA_EVAL_IDS)
+
+
+def test_order_count_duration_and_in_box_interaction_cues():
+    """The signal patch shows exactly its class's events around the keyframe (none without a signal
+    label); open/close show the same colours for the same time, only in the other order; hand clap and hit
+    have the same on-time; give/take hold the object before / after the keyframe, partner of each other."""
+    width, height, seconds = 128, 96, 6
+    seen = set()
+    offsets = np.arange(-15, 15)
+    for seed in range(25):
+        sim = simulate_video(np.random.default_rng([seed, 0]), seconds, height, width)
+        persons = sim["persons"]
+        for k in range(seconds):
+            f0 = (2 + k) * FPS
+            for pi, (p, labs) in enumerate(zip(persons, sim["labels"][k])):
+                labs = set(labs)
+                sig = p["sig"][f0 + offsets]
+                signals = labs & set(SIGNAL_EVENTS)
+                assert len(signals) <= 1
+                if not signals:
+                    assert not sig.any()
+                else:
+                    (a,) = signals
+                    seen.add(a)
+                    want = np.zeros_like(sig)
+                    for colour, r0, r1 in SIGNAL_EVENTS[a]:
+                        want[(offsets >= r0) & (offsets < r1)] = colour
+                    np.testing.assert_array_equal(sig, want)
+                gift = p["gift"][f0 + offsets]
+                if 65 in labs or 78 in labs:
+                    seen |= labs & {65, 78}
+                    partner = p["inter"][k][2]
+                    assert ({65, 78} - labs) <= set(sim["labels"][k][partner])
+                    held = gift != 0
+                    np.testing.assert_array_equal(held, offsets < -4 if 65 in labs else offsets >= 4)
+                    # Shown on the partner's side of the own box, which stays the person's box.
+                    assert abs(gift[held]).max() == 1
+                else:
+                    assert not gift.any()
+    assert seen == set(SIGNAL_EVENTS) | {65, 78}
+
+    def colour_time(a):
+        return sorted((tuple(c), r1 - r0) for c, r0, r1 in SIGNAL_EVENTS[a])
+    assert colour_time(38) == colour_time(22) and SIGNAL_EVENTS[38] != SIGNAL_EVENTS[22]
+    assert sum(r1 - r0 for _, r0, r1 in SIGNAL_EVENTS[67]) == sum(r1 - r0 for _, r0, r1 in SIGNAL_EVENTS[34])
+    assert len(SIGNAL_EVENTS[67]) == 3 and len(SIGNAL_EVENTS[34]) == 1
+    assert set(ACTION_CUES) == set(SYNTHETIC_ACTIONS)
+    assert {ACTION_CUES[a] for a in (38, 22)} == {"order"} and ACTION_CUES[74].endswith("(outside box)")
+    assert ACTION_CUES[65].startswith("interaction (in box") and set(APPEARANCE_ACTIONS) == {17, 48}
 
 
 def test_proposals_look_like_a_detector(tiny):
