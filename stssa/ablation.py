@@ -317,6 +317,71 @@ def head_diagnostics(head: nn.Module) -> dict:
 
 
 @torch.no_grad()
+def attention_stats(head: nn.Module, x: torch.Tensor) -> dict:
+    """Per block and branch of an STSSA head on RoI features ``x [K, C, T, r, r]``: the mean entropy of
+    the attention rows over ``log(sequence length)`` (1 = uniform, 0 = one-hot), ``gamma``, and
+    ``||gamma * attention output|| / ||block input||`` (how much the branch changes its input)."""
+    out = {}
+    for i, blk in enumerate(getattr(head, "blocks", [])):
+        x, stats = block_reference(blk, x)
+        out.update({f"blocks.{i}.{blk.axis}.{b}": v for b, v in stats.items()})
+    return out
+
+
+def block_reference(blk: nn.Module, x: torch.Tensor) -> tuple:
+    """One :class:`~stssa.models.heads.SlowFastAttention` block recomputed in float64 from its parameters
+    (the math of ``attention3d_ref``, with the block's scale and norm placement), keeping each branch's
+    attention (one attention head). Returns ``(output [K, C, T, r, r] in x's dtype, {branch: stats})``."""
+    if blk.heads != 1:
+        raise ValueError(f"block_reference: blocks with heads=1 only, got heads={blk.heads}")
+    src = blk.norm(x) if blk.norm is not None and blk.norm_position == "pre" else x
+    convs = blk._convs()
+    qkv = [F.conv3d(src.double(), c.weight.double(), c.bias.double(), padding=c.padding) for c in convs]
+
+    def seq(t):  # [K, C, T, H, W] -> sequences [N, L, C] along the block's axis
+        return t.permute(0, 2, 3, 4, 1).flatten(2, 3).flatten(0, 1) if blk.axis == "spatial" else \
+            t.permute(0, 3, 4, 2, 1).flatten(0, 2)
+    y = x.double()
+    stats = {}
+    for j, b in enumerate(blk.branches):
+        qs, ks, vs = (seq(t) for t in qkv[3 * j: 3 * j + 3])
+        scale = blk.scale if blk.scale is not None else qs.shape[-1] ** -0.5
+        p = torch.softmax(scale * qs @ ks.transpose(-1, -2), -1)
+        ent = float((-(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(p.shape[-1])).mean()) \
+            if p.shape[-1] > 1 else 1.0
+        upd = blk.gamma[b].double() * _unseq(p @ vs, x.shape, blk.axis)
+        stats[b] = {"entropy_over_max": round(ent, 4), "gamma": round(float(blk.gamma[b]), 4),
+                    "update_over_input": round(float(upd.norm() / x.double().norm().clamp_min(1e-300)), 4)}
+        y = y + upd
+    y = y.to(x.dtype)
+    return (blk.norm(y) if blk.norm is not None and blk.norm_position == "post" else y), stats
+
+
+def _unseq(att: torch.Tensor, shape, axis: str) -> torch.Tensor:
+    k, c, t, h, w = shape
+    if axis == "spatial":
+        return att.reshape(k, t, h, w, c).permute(0, 4, 1, 2, 3)
+    return att.reshape(k, h, w, t, c).permute(0, 4, 3, 1, 2)
+
+
+def diagnose(out: Path, work: Path, rows: Sequence[str]) -> dict:
+    """``attention_stats`` of every saved head (``out/heads/<row>_seed<k>.pt``) on the cached val RoIs;
+    written to ``out/diagnostics.json``."""
+    saved = torch.load(work / "feature_cache.pt", weights_only=False)
+    cache = saved["cache"]
+    configs = {r[0]: r[1] for r in ROWS}
+    overrides = json.loads((out / "results.json").read_text()).get("head_overrides") or None
+    res = {}
+    for name in rows:
+        for f in sorted((out / "heads").glob(f"{name}_seed*.pt")):
+            head = build_row_head(configs[name], cache.x.shape[1], 16, 0, overrides)
+            head.load_state_dict(torch.load(f, weights_only=True))
+            res[f.stem] = attention_stats(head.eval(), cache.val_x[:256])
+    (out / "diagnostics.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+@torch.no_grad()
 def score_head(head: nn.Module, cache: FeatureCache, eval_info: dict, chunk: int = 256) -> dict:
     """frame-mAP (official protocol) of ``head`` on the cached val proposals."""
     from stssa.data import read_labelmap
@@ -581,6 +646,9 @@ def main(argv=None) -> int:
                                                  "point it at an earlier run to reuse them)")
     ap.add_argument("--head-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override keys of every STSSA row's head config, e.g. scale=1.0 gamma_init=0.1")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="no training: attention entropy, gamma and update sizes of the heads saved in --out "
+                         "(on the cached val RoIs of --work), written to <out>/diagnostics.json")
     ap.add_argument("--recipe-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override the head training recipe, e.g. gamma_lr_mult=10 epochs=20")
     args = ap.parse_args(argv)
@@ -599,6 +667,10 @@ def main(argv=None) -> int:
     rows = args.rows if args.rows else (QUICK_ROWS if args.quick else ROW_NAMES)
     seeds = args.seeds if args.seeds is not None else protocol["seeds"]
     data = Path(args.data or ("data/synthetic_ablation_quick" if args.quick else "data/synthetic_ablation"))
+    if args.diagnose:
+        res = diagnose(Path(args.out), Path(args.work or args.out), rows)
+        print(json.dumps(res, indent=1))
+        return 0
     doc = run_ablation(rows, seeds, Path(args.out), data, protocol, name, quiet=args.quiet,
                        work=Path(args.work) if args.work else None, head_overrides=head_overrides)
     print()

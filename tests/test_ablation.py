@@ -150,3 +150,20 @@ def test_demo_runs_the_ablation_code(monkeypatch, tmp_path):
     assert seen["rows"] == ablation.DEMO_ROWS and seen["seeds"] == 1
     assert seen["protocol"] == PROTOCOLS["demo"] and seen["name"] == "demo"
     assert demo.run_ablation is fake and ablation.run_ablation is not fake
+
+
+@pytest.mark.parametrize("axis", ["spatial", "temporal"])
+@pytest.mark.parametrize("kw", [{}, {"layernorm": True, "scale": 1.0}, {"layernorm": True, "norm_position": "pre"}])
+def test_block_reference_is_the_block(axis, kw):
+    """The diagnostics recompute each block with its attention kept: the same output as the block."""
+    from stssa.models.heads import SlowFastAttention
+    torch.manual_seed(0)
+    blk = SlowFastAttention(16, 8, axis, slow_kernel=3, gamma_init=0.8, **kw).double().eval()
+    x = torch.randn(3, 16, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = blk(x)
+    got, stats = ablation.block_reference(blk, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert set(stats) == {"slow", "fast"}
+    for st in stats.values():
+        assert 0 < st["entropy_over_max"] <= 1 and st["update_over_input"] > 0 and st["gamma"] == 0.8
