@@ -328,6 +328,7 @@ def attention_stats(head: nn.Module, x: torch.Tensor) -> dict:
     return out
 
 
+@torch.no_grad()
 def block_reference(blk: nn.Module, x: torch.Tensor) -> tuple:
     """One :class:`~stssa.models.heads.SlowFastAttention` block recomputed in float64 from its parameters
     (the math of ``attention3d_ref``, with the block's scale and norm placement), keeping each branch's
