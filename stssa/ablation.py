@@ -493,6 +493,23 @@ def per_class_table(doc: dict, a: str, b: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cue_table(doc: dict) -> str:
+    """Mean AP per cue group (the classes' ``cues``) for every row: where a head gains or loses."""
+    groups: Dict[str, List[str]] = {}
+    for c, cue in doc.get("cues", {}).items():
+        groups.setdefault(cue, []).append(c)
+    names = sorted(groups)
+    lines = ["| row | " + " | ".join(f"{g} ({len(groups[g])})" for g in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for r in doc["rows"]:
+        vals = []
+        for g in names:
+            aps = [r["per_class"][c] for c in groups[g] if c in r["per_class"]]
+            vals.append(f"{np.mean(aps):.3f}" if aps else "-")
+        lines.append(f"| {r['name']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def best_stssa_row(doc: dict) -> Optional[str]:
     cands = [r for r in doc["rows"] if r["name"] not in ("baseline", "baseline_avg", "stssa_0l")]
     return max(cands, key=lambda r: r["mean"])["name"] if cands else None
@@ -547,8 +564,9 @@ def write_outputs(doc: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown_table(doc)
     best = best_stssa_row(doc)
+    md += "\nMean AP per cue group (number of classes):\n\n" + cue_table(doc)
     if best and any(r["name"] == "baseline" for r in doc["rows"]):
-        md += "\n" + per_class_table(doc, "baseline", best)
+        md += "\nPer class, baseline vs the best STSSA-type row:\n\n" + per_class_table(doc, "baseline", best)
     (out / "results.md").write_text(md)
     plot(doc, out / "results.png")
 
