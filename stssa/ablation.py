@@ -60,8 +60,11 @@ ROWS = [
     ("stssa_0l", "synthetic_stssa_0l", None, "control: STSSA with zero layers (identity)"),
     ("stssa_max", "synthetic_stssa_max", None, "control: the paper's head with max pooling"),
     ("stssa_scale1", "synthetic_stssa_scale1", None, "variant: the paper's head, logits unscaled (SAGAN)"),
+    ("probe_flat", "probe_flat", None, "diagnostic: linear classifier on the unpooled RoI features"),
 ]
 ROW_NAMES = [r[0] for r in ROWS]
+#: Rows run by default; ``probe_flat`` is a diagnostic, not a head of the comparison.
+DEFAULT_ROWS = [n for n in ROW_NAMES if n != "probe_flat"]
 
 PROTOCOLS: Dict[str, dict] = {
     "full": {
@@ -245,7 +248,31 @@ def build_cache(backbone: nn.Module, data_cfg: dict, roi: dict, views: int, seed
 
 
 # ----------------------------------------------------------------------------------------------- heads
+class FlatProbe(nn.Module):
+    """Diagnostic "head": dropout + Linear over the whole unpooled RoI feature ``[C, T, r, r]``, so every
+    (time, position) gets its own weights. It shows what the cached features hold linearly, order
+    included (a linear map can weigh early and late frames differently), which no pooled head can beat
+    by more than its non-linearity adds. ``forward_rois(x [K, C, T, r, r]) -> [K, classes]``."""
+
+    def __init__(self, in_features: int, num_classes: int = 80, dropout: float = 0.3, roi_size: int = 3,
+                 sampling_ratio: int = 0, aligned: bool = True):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(in_features, num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward_rois(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(x.flatten(1)))
+
+
+#: The probe's RoI settings and input size (C5 x T5 x r x r of the synthetic_ablation backbone).
+PROBE_CONFIG = {"roi_size": 3, "sampling_ratio": 0, "aligned": True, "dropout": 0.3}
+
+
 def head_config(config: str) -> dict:
+    if config == "probe_flat":
+        return dict(PROBE_CONFIG)
     return dict(load_config(config)["model"]["head"])
 
 
@@ -254,6 +281,10 @@ def build_row_head(config: str, in_channels: int, stride: int, seed: int,
     """The row's head (initialised from ``seed``); ``overrides`` apply to STSSA heads only."""
     from stssa.models.detector import build_head
     hc = head_config(config)
+    if config == "probe_flat":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return FlatProbe(in_channels, 80, hc["dropout"], hc["roi_size"])  # in_channels: C * T * r * r
     if overrides and hc.get("type", "stssa") == "stssa":
         hc.update(overrides)
     with torch.random.fork_rng(devices=[]):
@@ -420,7 +451,8 @@ def run_row(name: str, config: str, cache: FeatureCache, eval_info: dict, hcfg: 
                          f"{cache.roi}; every row must use the same RoIAlign")
     maps, per_class, runs = [], {}, []
     for seed in seeds:
-        head = build_row_head(config, in_channels, stride, seed, head_overrides)
+        in_ch = int(cache.x[0].numel()) if config == "probe_flat" else in_channels
+        head = build_row_head(config, in_ch, stride, seed, head_overrides)
         t0 = time.perf_counter()
         tr = train_head(head, cache, hcfg, seed, desc=f"{name} seed {seed}", quiet=quiet)
         res = score_head(head, cache, eval_info)
@@ -654,7 +686,8 @@ def _val_counts(eval_info: dict) -> Dict[str, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stssa.ablation", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="rows: " + ", ".join(ROW_NAMES))
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="rows: " + ", ".join(ROW_NAMES) + " (probe_flat: not run by default)")
     ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all; baseline first)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; --quick 1)")
     ap.add_argument("--out", default="runs/ablation", help="results.json / .md / .png and the backbone run")
@@ -668,6 +701,8 @@ def main(argv=None) -> int:
     ap.add_argument("--diagnose", action="store_true",
                     help="no training: attention entropy, gamma and update sizes of the heads saved in --out "
                          "(on the cached val RoIs of --work), written to <out>/diagnostics.json")
+    ap.add_argument("--backbone-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the shared backbone's training config, e.g. train.epochs=40")
     ap.add_argument("--recipe-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override the head training recipe, e.g. gamma_lr_mult=10 epochs=20")
     args = ap.parse_args(argv)
@@ -679,11 +714,12 @@ def main(argv=None) -> int:
         if k not in protocol["head"]:
             raise SystemExit(f"--recipe-set: unknown key {k!r}; known: {sorted(protocol['head'])}")
         protocol["head"][k] = yaml.safe_load(v)
+    protocol["backbone_overrides"] = list(protocol["backbone_overrides"]) + list(args.backbone_set)
     head_overrides = {}
     for item in args.head_set:
         k, _, v = item.partition("=")
         head_overrides[k] = yaml.safe_load(v)
-    rows = args.rows if args.rows else (QUICK_ROWS if args.quick else ROW_NAMES)
+    rows = args.rows if args.rows else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     seeds = args.seeds if args.seeds is not None else protocol["seeds"]
     data = Path(args.data or ("data/synthetic_ablation_quick" if args.quick else "data/synthetic_ablation"))
     if args.diagnose:

@@ -167,3 +167,11 @@ def test_block_reference_is_the_block(axis, kw):
     assert set(stats) == {"slow", "fast"}
     for st in stats.values():
         assert 0 < st["entropy_over_max"] <= 1 and st["update_over_input"] > 0 and st["gamma"] == 0.8
+
+
+def test_flat_probe_diagnostic_row(tiny_run):
+    root, _ = tiny_run
+    model, cfg, cache, (_, _, eval_info) = _cache_and_eval(root)
+    r = ablation.run_row("probe_flat", "probe_flat", cache, eval_info, TINY["head"], [0], 64, 16, quiet=True)
+    assert r["head_params"] == cache.x[0].numel() * 80 + 80 and 0 <= r["mean"] <= 1
+    assert "probe_flat" in ROW_NAMES and "probe_flat" not in ablation.DEFAULT_ROWS
