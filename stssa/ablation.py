@@ -426,6 +426,28 @@ def score_head(head: nn.Module, cache: FeatureCache, eval_info: dict, chunk: int
     return evaluate_frame_map(eval_info["labelmap"], eval_info["groundtruth"], rows, eval_info["excluded"])
 
 
+@torch.no_grad()
+def write_head_detections(out: Path, work: Path, row: str, seed: int, path: Path) -> int:
+    """The val detections (official CSV) of the head saved by a run (``out/heads/<row>_seed<seed>.pt``) on
+    the cached val proposals of ``work``; returns the number of rows written."""
+    from stssa.data import read_labelmap
+    from stssa.evaluate import rows_from_predictions, write_detections_csv
+    cache = torch.load(Path(work) / "feature_cache.pt", weights_only=False)["cache"]
+    doc = json.loads((Path(out) / "results.json").read_text())
+    config = {r[0]: r[1] for r in ROWS}[row]
+    in_ch = int(cache.x[0].numel()) if config == "probe_flat" else int(cache.x.shape[1])
+    head = build_row_head(config, in_ch, 16, seed, doc.get("head_overrides") or None)
+    head.load_state_dict(torch.load(Path(out) / "heads" / f"{row}_seed{seed}.pt", weights_only=True))
+    head.eval()
+    scores = torch.cat([torch.sigmoid(head.forward_rois(cache.val_x[i:i + 256]))
+                        for i in range(0, len(cache.val_x), 256)])
+    labelmap = Path(doc["labelmap"]) if "labelmap" in doc else None
+    _, eval_ids = read_labelmap(labelmap) if labelmap else (None, None)
+    rows = rows_from_predictions(cache.val_meta, scores, class_ids=eval_ids)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_detections_csv(path, rows)
+
+
 def chance_map(cache: FeatureCache, eval_info: dict, draws: int) -> float:
     """frame-mAP of the val proposals with uniformly random scores (mean over ``draws``)."""
     from stssa.data import read_labelmap
@@ -507,7 +529,7 @@ def markdown_table(doc: dict) -> str:
     for r in rows:
         paper = "-" if r["paper_mAP"] is None else f"{r['paper_mAP']:.1f}"
         delta = "" if base is None or r is base else f"{r['mean'] - base['mean']:+.3f}"
-        lines.append(f"| {r['name']} | {desc.get(r['name'], '')} | {paper} | {r['mean']:.3f} +- {r['std']:.3f} | "
+        lines.append(f"| {r['name']} | {r.get('what') or desc.get(r['name'], '')} | {paper} | {r['mean']:.3f} +- {r['std']:.3f} | "
                      f"{', '.join(f'{m:.3f}' for m in r['mAP'])} | {delta} |")
     lines.append(f"| chance | same proposals, random scores | - | {doc['chance']:.3f} | | |")
     return "\n".join(lines) + "\n"
@@ -543,7 +565,8 @@ def cue_table(doc: dict) -> str:
 
 
 def best_stssa_row(doc: dict) -> Optional[str]:
-    cands = [r for r in doc["rows"] if r["name"] not in ("baseline", "baseline_avg", "stssa_0l")]
+    cands = [r for r in doc["rows"] if r["name"] not in ("baseline", "baseline_avg", "probe_flat")
+             and not r["name"].startswith("stssa_0l")]
     return max(cands, key=lambda r: r["mean"])["name"] if cands else None
 
 
@@ -660,6 +683,7 @@ def run_ablation(rows: Sequence[str], seeds: int, out: Path, data_root: Path, pr
                                      "feature_shape": list(cache.x.shape[1:]), "build_s": round(cache_s, 1)},
         "head_recipe": protocol["head"], "head_overrides": dict(head_overrides or {}),
         "cues": {str(k): v for k, v in cues().items()},
+        "labelmap": str(eval_info["labelmap"]),
         "class_names": {str(k): v for k, v in SYNTHETIC_ACTIONS.items()},
         "rows": [],
     }
