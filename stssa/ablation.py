@@ -20,9 +20,10 @@ Protocol (the same for every row, so the rows differ only in their head):
    warm-up, weight decay except on norms, biases and ``gamma``, same epochs and batch of RoIs) and scores
    the val proposals with the official frame-mAP. Chance: the same proposals with uniformly random scores.
 
-Rows: ``baseline`` (PySlowFast head), the six Table 4.2 rows scaled (widths x C5/2048 = 1/16) and
+Rows: ``baseline`` (PySlowFast head), the six Table 4.2 rows scaled (widths x C5/2048 = 1/32) and
 controls (baseline with average pooling, STSSA with zero layers, full STSSA with max pooling, full STSSA
-with SAGAN's unscaled logits). Writes ``<out>/results.json`` (format in the issue / README),
+with SAGAN's unscaled logits), and, on request only, ``probe_flat``: a linear classifier on the unpooled
+RoI features, a diagnostic of what the cache holds. Writes ``<out>/results.json`` (format in the issue / README),
 ``<out>/results.md`` and ``<out>/results.png``. ``--quick``: one row, one seed, a small set (smoke test).
 """
 from __future__ import annotations
