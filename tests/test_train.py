@@ -115,7 +115,7 @@ def test_config_inheritance_and_overrides(tmp_path):
 # ----------------------------------------------------------------------------------- training runs
 @needs_torchvision
 def test_short_run_loss_falls_and_evaluates(synthetic, tmp_path):
-    cfg = _config(synthetic, STSSA_TINY, epochs=4, lr=0.5, eval_every=4)
+    cfg = _config(synthetic, STSSA_TINY, epochs=6, lr=0.5, eval_every=6)
     trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
     result = trainer.fit()
     losses = [h["loss"] for h in trainer.history]
@@ -124,11 +124,11 @@ def test_short_run_loss_falls_and_evaluates(synthetic, tmp_path):
     assert last < 0.5 * first, f"loss did not fall: first epoch {first:.4f}, last epoch {last:.4f}"
     out = tmp_path / "run"
     assert 0.0 <= result["mAP"] <= 1.0 and result["per_class"]
-    det = (out / "detections_epoch4.csv").read_text().splitlines()
+    det = (out / "detections_epoch6.csv").read_text().splitlines()
     assert det and all(len(r.split(",")) == 8 for r in det)
     ev = _rows(out / "eval.csv")
-    assert [int(r["epoch"]) for r in ev] == [4] and float(ev[0]["frame_mAP"]) == pytest.approx(result["mAP"])
-    assert len(_rows(out / "metrics.csv")) == 4 * spe
+    assert [int(r["epoch"]) for r in ev] == [6] and float(ev[0]["frame_mAP"]) == pytest.approx(result["mAP"])
+    assert len(_rows(out / "metrics.csv")) == 6 * spe
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tb = EventAccumulator(str(out / "tb"))
     tb.Reload()
@@ -138,7 +138,7 @@ def test_short_run_loss_falls_and_evaluates(synthetic, tmp_path):
 
     # Checkpoint round trip: a fresh model with the checkpoint's weights gives the same logits.
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["epoch"] == 4 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 4 * spe
+    assert ckpt["epoch"] == 6 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 6 * spe
     fresh = build_model(cfg["model"], load_pretrained=False)
     fresh.load_state_dict(ckpt["model"])
     model = trainer.model.eval()
