@@ -175,3 +175,20 @@ def test_flat_probe_diagnostic_row(tiny_run):
     r = ablation.run_row("probe_flat", "probe_flat", cache, eval_info, TINY["head"], [0], 64, 16, quiet=True)
     assert r["head_params"] == cache.x[0].numel() * 80 + 80 and 0 <= r["mean"] <= 1
     assert "probe_flat" in ROW_NAMES and "probe_flat" not in ablation.DEFAULT_ROWS
+
+
+def test_demo_pictures_from_an_ablation_run(tiny_run):
+    """The demo's last step (stssa.visualize.demo_pictures) reads the per-head detections the demo writes."""
+    from stssa.demo import head_results
+    from stssa.visualize import demo_pictures
+    root, doc = tiny_run
+    out = root / "out"
+    results = head_results(doc, out)
+    assert set(results) == {"baseline", "stssa", "chance"}
+    for key in ("baseline", "stssa"):
+        assert results[key]["frame_mAP"] == next(r for r in doc["rows"] if r["config"].endswith(
+            "baseline" if key == "baseline" else "2l_ln"))["mAP"][0]
+        assert (out / key / f"detections_epoch{TINY['head']['epochs']}.csv").read_text()
+    pics = demo_pictures(root / "data", out, results)
+    for p in pics.values():
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
