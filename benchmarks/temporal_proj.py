@@ -97,6 +97,7 @@ def _forced(backend, fn):
 
 #: per-call overhead at tiny sizes, 1 thread (issue #11 item 1): one projection vs one conv3d, and the
 #: STSSA six vs six conv3d; forward within 2x, forward+backward at parity or better is the target
+TINY_TARGET = {"fwd": 2.0, "fwd+bwd": 1.0}  # max ratio temporal_proj / conv3d-per-projection
 TINY = {"tiny_one_kt3": dict(B=1, C=8, T=4, H=3, W=3, out=[8], kt=[3]),
         "tiny_stssa_six": dict(B=1, C=8, T=4, H=3, W=3, out=[8] * 6, kt=KT)}
 
@@ -136,6 +137,8 @@ def tiny_overhead(rounds: int = 21, calls: int = 100) -> dict:
                 med = {k: statistics.median(v) for k, v in times.items()}
                 out[f"{name}/{mode}"] = dict(temporal_proj_us=med["temporal_proj"], conv3d_each_us=med["conv3d_each"],
                                              ratio=med["temporal_proj"] / med["conv3d_each"], shape=s, threads=1,
+                                             target=TINY_TARGET[mode],
+                                             met=med["temporal_proj"] / med["conv3d_each"] <= TINY_TARGET[mode],
                                              dispatch=tp_ops.explain(x, s["out"], s["kt"]))
     finally:
         torch.set_num_threads(prev)
@@ -147,8 +150,22 @@ def _no_grad(f):
         return f()
 
 
+def _print_tiny(tiny):
+    print("\ntiny problems, 1 thread: temporal_proj / one conv3d per projection")
+    for k, v in tiny.items():
+        print(f"  {k:24s} {v['temporal_proj_us']:.1f} us vs {v['conv3d_each_us']:.1f} us -> {v['ratio']:.2f}x "
+              f"(target <= {v['target']:g}x: {'met' if v['met'] else 'NOT met'})")
+
+
 def run(args):
     device = torch.device(args.device)
+    if args.tiny_only:
+        tiny = tiny_overhead()
+        _print_tiny(tiny)
+        path = write_results("temporal_proj_tiny", torch.device("cpu"), {"machine": args.machine_note,
+                                                                          "tiny_overhead": tiny})
+        print(f"wrote {path}")
+        return
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -208,9 +225,7 @@ def run(args):
                 t.grad = None
     tiny = tiny_overhead() if device.type == "cpu" else None
     if tiny:
-        print("\ntiny problems, 1 thread: temporal_proj / one conv3d per projection")
-        for k, v in tiny.items():
-            print(f"  {k:24s} {v['temporal_proj_us']:.1f} us vs {v['conv3d_each_us']:.1f} us -> {v['ratio']:.2f}x")
+        _print_tiny(tiny)
     print()
     print_table(rows, [("shape", "shape"), ("mode", "mode"), ("method", "method"), ("backend", "backend"),
                        ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("peak_frac", "of peak"),
@@ -236,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. 1thread)")
     ap.add_argument("--machine-note", default="", help="saved in the JSON (e.g. 'shared with other jobs')")
+    ap.add_argument("--tiny-only", action="store_true",
+                    help="only the tiny-size per-call overhead section, CPU (writes temporal_proj_tiny_*.json)")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     args.dtype = args.dtype or ("fp32" if cpu else "fp16")

@@ -304,11 +304,12 @@ def _group_weight(weights: Sequence[Tensor], idx) -> Tensor:
     return out
 
 
-def _fwd_conv(x: Tensor, weights, biases, oc, ks, per_kt: bool) -> Tensor:
+def _fwd_conv(x: Tensor, weights, biases, oc, ks, per_kt: bool, small: bool = False) -> Tensor:
+    """``small``: convolve ``x`` in its own layout (a tiny call is dominated by per-call costs, and a
+    layout copy of x plus a oneDNN channels-last conv costs more than one copy of the output)."""
     B, C, T, H, W = x.shape
-    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    xc = x if small else x.contiguous(memory_format=torch.channels_last_3d)
     groups = _conv_groups(ks, per_kt)
-    cols = [sum(oc[:i]) for i in range(len(oc))]
 
     def group_bias(idx):
         if all(biases[i] is None for i in idx):
@@ -316,9 +317,11 @@ def _fwd_conv(x: Tensor, weights, biases, oc, ks, per_kt: bool) -> Tensor:
         parts = [biases[i] if biases[i] is not None else x.new_zeros(oc[i]) for i in idx]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    if len(groups) == 1:  # channels-last in -> channels-last out = the packed [B, T, H, W, sum N] memory
+    if len(groups) == 1:  # channels-last out = the packed [B, T, H, W, sum N] memory; else one copy into it
         idx = groups[0]
-        return F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks) // 2, 0, 0)).permute(0, 2, 3, 4, 1)
+        out = F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks) // 2, 0, 0))
+        return out.permute(0, 2, 3, 4, 1).contiguous()
+    cols = [sum(oc[:i]) for i in range(len(oc))]
     y = torch.empty((B, T, H, W, sum(oc)), dtype=x.dtype, device=x.device)
     for idx in groups:
         out = F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks[i] for i in idx) // 2, 0, 0))
@@ -428,12 +431,47 @@ def _unpack_weight_grads(dwp: Tensor, weights: Sequence[Tensor]) -> list:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the op kernels derive once per call signature: validated arguments, the backend, widths."""
+    backend: str
+    oc: list
+    ks: list
+    small: bool            # CPU problem under CPU_SMALL_MACS
+    y_strides: tuple       # contiguous strides of Y [B, T, H, W, sum N]
+    dx_strides: tuple      # channels_last_3d strides of x's shape
+
+
+def _plan(x: Tensor, weights: Sequence[Tensor], name: str) -> _Plan:
+    """The cached per-signature plan (checks run once per signature: they read only shapes, dtypes and
+    devices, all in the key; so do the dispatch inputs, plus the thread count, the interpreter flag,
+    the forced backend and, on CUDA, x's alignment)."""
+    dev = x.device
+    ws = tuple((w.shape, w.dtype, w.device) for w in weights) if isinstance(weights, (list, tuple)) else None
+    extra = torch.get_num_threads() if dev.type == "cpu" else \
+        _aligned(x, [w.shape[0] for w in weights]) if ws else None
+    sig = (x.shape, x.dtype, dev, extra, _arch.interpreting(), DISPATCH.forced, ws)
+    try:
+        plan = DISPATCH.plans.get(sig)
+    except TypeError:  # symbolic sizes: no cache
+        plan, sig = None, None
+    if plan is None:
+        _check_op(x, weights, name)
+        oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
+        B, C, T, H, W = x.shape
+        macs = B * T * H * W * C * sum(n * k for n, k in zip(oc, ks))
+        plan = _Plan(select(x, oc, ks).backend, oc, ks, dev.type == "cpu" and macs < CPU_SMALL_MACS,
+                     _contiguous_strides((B, T, H, W, sum(oc))), _cl3d_strides(x.shape))
+        if sig is not None:
+            DISPATCH.plans[sig] = plan
+    return plan
+
+
 def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tensor:
-    _check_op(x, weights)
-    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
-    backend = select(x, oc, ks).backend
+    plan = _plan(x, weights, "stssa::temporal_proj")
+    backend, oc, ks = plan.backend, plan.oc, plan.ks
     if backend in ("conv", "conv_kt"):
-        y = _fwd_conv(x, weights, biases, oc, ks, per_kt=backend == "conv_kt")
+        y = _fwd_conv(x, weights, biases, oc, ks, backend == "conv_kt", plan.small)
     else:
         wp, bp = pack_weights(weights), pack_biases(biases, weights)
         if backend == "triton":
@@ -441,7 +479,7 @@ def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tens
             y = tk.temporal_proj_fwd(x, wp, bp, oc, ks, _triton_config(tk, x, oc))
         else:
             y = _fwd_gemm(x, wp, bp, oc, ks)
-    return _exact(y, _contiguous_strides(y.shape))
+    return _exact(y, plan.y_strides)
 
 
 def _forward_fake(x, weights, biases):
@@ -451,11 +489,10 @@ def _forward_fake(x, weights, biases):
 
 
 def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_mask: List[bool]):
-    _check_op(x, weights, "stssa::_temporal_proj_backward")
+    plan = _plan(x, weights, "stssa::_temporal_proj_backward")
     need_dx, need_dw, need_db = output_mask
-    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
-    dy = _exact(grad_y, _contiguous_strides(grad_y.shape))
-    backend = select(x, oc, ks).backend
+    backend, oc, ks = plan.backend, plan.oc, plan.ks
+    dy = _exact(grad_y, plan.y_strides)
     dx, dws = None, None
     if need_dx or need_dw:
         if backend in ("conv", "conv_kt"):
@@ -468,12 +505,11 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_ma
             else:
                 dx, dwp = _bwd_gemm(dy, x, wp, oc, ks, need_dx, need_dw)
             dws = _unpack_weight_grads(dwp, weights) if need_dw else None
-    empty = x.new_empty((0,))
-    dx = _exact(dx, _cl3d_strides(x.shape), torch.channels_last_3d) if need_dx else empty
-    dws = dws if need_dw else [empty.clone() for _ in weights]
+    dx = _exact(dx, plan.dx_strides, torch.channels_last_3d) if need_dx else x.new_empty((0,))
+    dws = dws if need_dw else [x.new_empty((0,)) for _ in weights]
     # column sums accumulated in fp32 (fp64 for fp64) whatever the dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else empty.clone()
+    db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else x.new_empty((0,))
     return dx, dws, db
 
 
@@ -572,6 +608,8 @@ def temporal_proj(x: Tensor, weights: Sequence[Tensor],
     else:
         with torch.autocast(dev, enabled=False):  # the backends choose their own accumulation precision
             y = _run(x, weights, biases)
+    if len(weights) == 1:  # no split node in the graph
+        return [y.permute(0, 4, 1, 2, 3)]
     return [part.permute(0, 4, 1, 2, 3) for part in y.split([w.shape[0] for w in weights], dim=-1)]
 
 
