@@ -13,7 +13,8 @@ dtype, interpreter flag, plus the op's own size fields), lists its :class:`Backe
   error naming the package: the table chose it, and a silent fallback would hide a broken install;
 * :meth:`Dispatcher.force` runs every call inside a ``with`` block on one backend (tests, benchmarks);
   a forced backend that declines the problem is an error listing its reasons;
-* decisions are cached per problem (rules are data, so ``dispatcher.rules = ...`` clears the cache).
+* decisions are cached per problem (rules are data, so ``dispatcher.rules = ...`` clears the cache);
+  ops keep per-signature plans derived from a decision in ``dispatcher.plans`` (cleared with it).
 
 The decision is taken inside the registered ops (eager and compiled calls alike) and in their fake
 kernels, from shapes, dtypes and devices only, so eager, ``torch.compile`` and ``opcheck`` run the same
@@ -116,6 +117,8 @@ class Dispatcher:
         self.backends = {b.name: b for b in backends}
         self._forced: Optional[str] = None
         self._cache: dict = {}
+        #: per-signature plans an op derives from a choice (layouts, offsets), cleared with the cache
+        self.plans: dict = {}
         self.rules = tuple(rules)
 
     @property
@@ -132,6 +135,7 @@ class Dispatcher:
             raise ValueError(f"{self.op}: the last rule must be an unconditional catch-all")
         self._rules = tuple(rules)
         self._cache.clear()
+        self.plans.clear()
 
     def _declines(self, b: Backend, p: Problem) -> list[str]:
         why = b.missing()
@@ -182,6 +186,11 @@ class Dispatcher:
         if reasons:
             raise RuntimeError(f"{self.op}: forced backend {b.name!r} does not take this call: " + "; ".join(reasons))
         return Choice(b.name, None, f"forced with {self.op} dispatch force({b.name!r})", b.plan(p))
+
+    @property
+    def forced(self) -> Optional[str]:
+        """The backend forced by the innermost :meth:`force` block (None: the table decides)."""
+        return self._forced
 
     @contextlib.contextmanager
     def force(self, name: Optional[str]) -> Iterator[None]:

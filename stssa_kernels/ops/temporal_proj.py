@@ -304,58 +304,88 @@ def _group_weight(weights: Sequence[Tensor], idx) -> Tensor:
     return out
 
 
-def _fwd_conv(x: Tensor, weights, biases, oc, ks, per_kt: bool) -> Tensor:
-    B, C, T, H, W = x.shape
-    xc = x.contiguous(memory_format=torch.channels_last_3d)
-    groups = _conv_groups(ks, per_kt)
+@dataclasses.dataclass(frozen=True)
+class _ConvGroup:
+    """One library conv call of the conv backends: projections ``idx`` (their weights concatenated),
+    kernel size ``kg`` (the largest of theirs), output columns ``[c0, c1)`` of Y when consecutive."""
+    idx: tuple
+    kg: int
+    same_kt: bool          # every projection in the group has kt == kg (no zero taps)
+    c0: int
+    c1: int
+    consecutive: bool
+
+
+def _plan_groups(oc, ks, per_kt: bool) -> tuple:
     cols = [sum(oc[:i]) for i in range(len(oc))]
+    out = []
+    for idx in _conv_groups(ks, per_kt):
+        kg = max(ks[i] for i in idx)
+        out.append(_ConvGroup(tuple(idx), kg, all(ks[i] == kg for i in idx), cols[idx[0]],
+                              cols[idx[-1]] + oc[idx[-1]], len(idx) == idx[-1] - idx[0] + 1))
+    return tuple(out)
 
-    def group_bias(idx):
-        if all(biases[i] is None for i in idx):
-            return None
-        parts = [biases[i] if biases[i] is not None else x.new_zeros(oc[i]) for i in idx]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    if len(groups) == 1:  # channels-last in -> channels-last out = the packed [B, T, H, W, sum N] memory
-        idx = groups[0]
-        return F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks) // 2, 0, 0)).permute(0, 2, 3, 4, 1)
+def _group_bias(x: Tensor, biases, oc, idx) -> Optional[Tensor]:
+    if len(idx) == 1:
+        return biases[idx[0]]
+    if all(biases[i] is None for i in idx):
+        return None
+    return torch.cat([biases[i] if biases[i] is not None else x.new_zeros(oc[i]) for i in idx])
+
+
+def _fwd_conv(x: Tensor, weights, biases, oc, groups, small: bool = False) -> Tensor:
+    """``groups``: :func:`_plan_groups`. ``small``: convolve ``x`` in its own layout (a tiny call is
+    dominated by per-call costs: a layout copy of x costs more than the channels-last conv saves)."""
+    B, C, T, H, W = x.shape
+    xc = x if small else x.contiguous(memory_format=torch.channels_last_3d)
+    if len(groups) == 1:  # channels-last out = the packed [B, T, H, W, sum N] memory; else one copy into it
+        g = groups[0]
+        w = weights[0] if len(weights) == 1 else _group_weight(weights, g.idx)
+        out = F.conv3d(xc, w, _group_bias(x, biases, oc, g.idx), padding=(g.kg // 2, 0, 0))
+        return out.permute(0, 2, 3, 4, 1).contiguous()
     y = torch.empty((B, T, H, W, sum(oc)), dtype=x.dtype, device=x.device)
-    for idx in groups:
-        out = F.conv3d(xc, _group_weight(weights, idx), group_bias(idx), padding=(max(ks[i] for i in idx) // 2, 0, 0))
-        out, r = out.permute(0, 2, 3, 4, 1), 0
-        if len(idx) == idx[-1] - idx[0] + 1:  # consecutive projections: one column block
-            y[..., cols[idx[0]]:cols[idx[0]] + out.shape[-1]] = out
+    cols = [sum(oc[:i]) for i in range(len(oc))]
+    for g in groups:
+        idx = g.idx
+        w = weights[idx[0]] if len(idx) == 1 else _group_weight(weights, idx)
+        out = F.conv3d(xc, w, _group_bias(x, biases, oc, idx), padding=(g.kg // 2, 0, 0)).permute(0, 2, 3, 4, 1)
+        if g.consecutive:  # one column block
+            y[..., g.c0:g.c1] = out
             continue
+        r = 0
         for i in idx:
             y[..., cols[i]:cols[i] + oc[i]] = out[..., r:r + oc[i]]
             r += oc[i]
     return y
 
 
-def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, per_kt: bool):
+def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, groups):
     xc = x.contiguous(memory_format=torch.channels_last_3d)
     cols = [sum(oc[:i]) for i in range(len(oc))]
     dx, dws = None, [None] * len(weights)
-    for idx in _conv_groups(ks, per_kt):
-        kg = max(ks[i] for i in idx)
+    for g in groups:
+        idx, kg = g.idx, g.kg
         if len(idx) == len(oc):
             gy = dy
-        elif len(idx) == idx[-1] - idx[0] + 1:
-            gy = dy[..., cols[idx[0]]:cols[idx[-1]] + oc[idx[-1]]]
+        elif g.consecutive:
+            gy = dy[..., g.c0:g.c1]
         else:
             gy = torch.cat([dy[..., cols[i]:cols[i] + oc[i]] for i in idx], -1)
-        wg = _group_weight(weights, idx)
+        wg = weights[idx[0]] if len(idx) == 1 else _group_weight(weights, idx)
         dxg, dwg, _ = torch.ops.aten.convolution_backward(
             gy.permute(0, 4, 1, 2, 3), xc, wg, None, [1, 1, 1], [kg // 2, 0, 0],
             [1, 1, 1], False, [0, 0, 0], 1, [need_dx, need_dw, False])
         if need_dx:
             dx = dxg if dx is None else dx.add_(dxg)
         if need_dw:
+            if len(idx) == 1:
+                dws[idx[0]] = dwg
+                continue
             r = 0
             for i in idx:
                 n, p = oc[i], ks[i] // 2
-                dw = dwg[r:r + n, :, kg // 2 - p:kg // 2 + p + 1]
-                dws[i] = dw if len(idx) == 1 else dw.clone(memory_format=torch.contiguous_format)
+                dws[i] = dwg[r:r + n, :, kg // 2 - p:kg // 2 + p + 1].clone(memory_format=torch.contiguous_format)
                 r += n
     return dx, dws
 
@@ -428,12 +458,49 @@ def _unpack_weight_grads(dwp: Tensor, weights: Sequence[Tensor]) -> list:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the op kernels derive once per call signature: validated arguments, the backend, widths."""
+    backend: str
+    oc: list
+    ks: list
+    small: bool            # CPU problem under CPU_SMALL_MACS
+    y_strides: tuple       # contiguous strides of Y [B, T, H, W, sum N]
+    dx_strides: tuple      # channels_last_3d strides of x's shape
+    groups: tuple          # the conv backends' library calls (_plan_groups); () for the others
+
+
+def _plan(x: Tensor, weights: Sequence[Tensor], name: str) -> _Plan:
+    """The cached per-signature plan (checks run once per signature: they read only shapes, dtypes and
+    devices, all in the key; so do the dispatch inputs, plus the thread count, the interpreter flag,
+    the forced backend and, on CUDA, x's alignment)."""
+    dev = x.device
+    ws = tuple([(w.shape, w.dtype, w.device) for w in weights])
+    extra = torch.get_num_threads() if dev.type == "cpu" else _aligned(x, [w.shape[0] for w in weights]) if ws else None
+    sig = (x.shape, x.dtype, dev, extra, _arch.interpreting(), DISPATCH.forced, ws)
+    try:
+        plan = DISPATCH.plans.get(sig)
+    except TypeError:  # symbolic sizes: no cache
+        plan, sig = None, None
+    if plan is None:
+        _check_op(x, weights, name)
+        oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
+        B, C, T, H, W = x.shape
+        macs = B * T * H * W * C * sum(n * k for n, k in zip(oc, ks))
+        backend = select(x, oc, ks).backend
+        groups = _plan_groups(oc, ks, backend == "conv_kt") if backend in ("conv", "conv_kt") else ()
+        plan = _Plan(backend, oc, ks, dev.type == "cpu" and macs < CPU_SMALL_MACS,
+                     _contiguous_strides((B, T, H, W, sum(oc))), _cl3d_strides(x.shape), groups)
+        if sig is not None:
+            DISPATCH.plans[sig] = plan
+    return plan
+
+
 def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tensor:
-    _check_op(x, weights)
-    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
-    backend = select(x, oc, ks).backend
+    plan = _plan(x, weights, "stssa::temporal_proj")
+    backend, oc, ks = plan.backend, plan.oc, plan.ks
     if backend in ("conv", "conv_kt"):
-        y = _fwd_conv(x, weights, biases, oc, ks, per_kt=backend == "conv_kt")
+        y = _fwd_conv(x, weights, biases, oc, plan.groups, plan.small)
     else:
         wp, bp = pack_weights(weights), pack_biases(biases, weights)
         if backend == "triton":
@@ -441,7 +508,7 @@ def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tens
             y = tk.temporal_proj_fwd(x, wp, bp, oc, ks, _triton_config(tk, x, oc))
         else:
             y = _fwd_gemm(x, wp, bp, oc, ks)
-    return _exact(y, _contiguous_strides(y.shape))
+    return _exact(y, plan.y_strides)
 
 
 def _forward_fake(x, weights, biases):
@@ -451,15 +518,14 @@ def _forward_fake(x, weights, biases):
 
 
 def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_mask: List[bool]):
-    _check_op(x, weights, "stssa::_temporal_proj_backward")
+    plan = _plan(x, weights, "stssa::_temporal_proj_backward")
     need_dx, need_dw, need_db = output_mask
-    oc, ks = [w.shape[0] for w in weights], [w.shape[2] for w in weights]
-    dy = _exact(grad_y, _contiguous_strides(grad_y.shape))
-    backend = select(x, oc, ks).backend
+    backend, oc, ks = plan.backend, plan.oc, plan.ks
+    dy = _exact(grad_y, plan.y_strides)
     dx, dws = None, None
     if need_dx or need_dw:
         if backend in ("conv", "conv_kt"):
-            dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, per_kt=backend == "conv_kt")
+            dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, plan.groups)
         else:
             wp = pack_weights(weights)
             if backend == "triton":
@@ -468,12 +534,11 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_ma
             else:
                 dx, dwp = _bwd_gemm(dy, x, wp, oc, ks, need_dx, need_dw)
             dws = _unpack_weight_grads(dwp, weights) if need_dw else None
-    empty = x.new_empty((0,))
-    dx = _exact(dx, _cl3d_strides(x.shape), torch.channels_last_3d) if need_dx else empty
-    dws = dws if need_dw else [empty.clone() for _ in weights]
+    dx = _exact(dx, plan.dx_strides, torch.channels_last_3d) if need_dx else x.new_empty((0,))
+    dws = dws if need_dw else [x.new_empty((0,)) for _ in weights]
     # column sums accumulated in fp32 (fp64 for fp64) whatever the dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else empty.clone()
+    db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else x.new_empty((0,))
     return dx, dws, db
 
 
@@ -572,6 +637,8 @@ def temporal_proj(x: Tensor, weights: Sequence[Tensor],
     else:
         with torch.autocast(dev, enabled=False):  # the backends choose their own accumulation precision
             y = _run(x, weights, biases)
+    if len(weights) == 1:  # no split node in the graph
+        return [y.permute(0, 4, 1, 2, 3)]
     return [part.permute(0, 4, 1, 2, 3) for part in y.split([w.shape[0] for w in weights], dim=-1)]
 
 
