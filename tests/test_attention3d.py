@@ -390,7 +390,7 @@ def test_dispatch_table_triton():
     f16, f32, f64 = torch.float16, torch.float32, torch.float64
     assert _pick("cpu", 80, f32, "full", 4096, 64, 64, interpret=True).backend == "triton"
     assert _pick("cpu", 80, f64, "full", 4096, 64, 64, interpret=True, scores=8 * 4096 ** 2).backend == "torch_flash"
-    assert _pick("cpu", 80, f32, "temporal", 8, 0, 64, interpret=True).backend == "torch_math"  # Dk = 0
+    assert _pick("cpu", 80, f32, "temporal", 8, 0, 64, interpret=True).backend == "triton"  # Dk = 0 too
     assert _pick("cuda", 75, f16, "spatial", 49, 256, 2048).backend == "triton"
     for cc in (75, 80, 90):  # the paper head's SSFA (7x7 frames, one head of Dk = 2048): packed everywhere
         for dt in (f16, f32):

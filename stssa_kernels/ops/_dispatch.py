@@ -98,6 +98,28 @@ class Backend:
         return None
 
 
+class TritonBackend(Backend):
+    """The Triton kernels of op ``op`` (``stssa_kernels.triton.<op>``): CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``; fp16/bf16/fp32. Ops add their own reasons (tiles, head dims) on top."""
+    name, requires = "triton", "triton"
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def missing(self) -> Optional[str]:
+        return _arch.triton_missing(self.op)
+
+    def reasons(self, p: Problem) -> list[str]:
+        import torch  # the dtypes only; this module stays importable without building anything
+
+        out = []
+        if p.device != "cuda" and not (p.device == "cpu" and p.interpret):
+            out.append("runs on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            out.append(f"the kernels take fp16/bf16/fp32, not {p.dtype}")
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Choice:
     backend: str

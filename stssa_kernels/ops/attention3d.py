@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_count_and_length, to_seq
 from . import _arch
-from ._dispatch import Backend, Dispatcher, Problem, Rule, between
+from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "select", "explain"]
 
@@ -70,20 +70,12 @@ class Attention3dProblem(Problem):
     scores: int = 0     # score elements of the call: sequences * heads * L^2
 
 
-class _Triton(Backend):
-    name, requires = "triton", "triton"
-
-    def missing(self):
-        return _arch.triton_missing("attention3d")
+class _Triton(TritonBackend):
+    def __init__(self):
+        super().__init__("attention3d")
 
     def reasons(self, p):
-        out = []
-        if p.device != "cuda" and not (p.device == "cpu" and p.interpret):
-            out.append("runs on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
-        if p.dtype not in (_F16, _BF16, _F32):
-            out.append(f"the kernels take fp16/bf16/fp32, not {p.dtype}")
-        if p.dk == 0:
-            out.append("Dk = 0: the kernels give wrong values for a zero key width (issue #11)")
+        out = super().reasons(p)
         if not out and self.missing() is None and self.plan(p) is None:
             out.append(f"no tile for head dim Dk={p.dk} at L={p.L} (the flash kernels stop at 256)")
         return out

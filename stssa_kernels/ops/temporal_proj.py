@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
 from . import _arch
-from ._dispatch import Backend, Dispatcher, Problem, Rule, between
+from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between
 
 __all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "select", "explain", "pack_weights", "pack_biases"]
 
@@ -74,19 +74,9 @@ class TemporalProjProblem(Problem):
     macs: int = 0           # multiply-adds of the forward: B*T*H*W * C * sum_i kt_i * C_out_i
 
 
-class _Triton(Backend):
-    name, requires = "triton", "triton"
-
-    def missing(self):
-        return _arch.triton_missing("temporal_proj")
-
-    def reasons(self, p):
-        out = []
-        if p.device != "cuda" and not (p.device == "cpu" and p.interpret):
-            out.append("runs on CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
-        if p.dtype not in (_F16, _BF16, _F32):
-            out.append(f"the kernels take fp16/bf16/fp32, not {p.dtype}")
-        return out
+class _Triton(TritonBackend):
+    def __init__(self):
+        super().__init__("temporal_proj")
 
 
 class _Plain(Backend):
