@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "roi_align3d_common.h"
+#include "stable_utils.h"
 
 namespace stssa {
 namespace cpu {
@@ -89,28 +90,7 @@ bool cpu_has_avx2() {
 #endif
 }
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
-// Calls f(scalar_t{}) for the floating dtypes the op supports.
-template <typename F>
-void dispatch_floating(ScalarType st, const char* name, F&& f) {
-  switch (st) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Double: f(double{}); break;
-    case ScalarType::Half: f(torch::headeronly::Half{}); break;
-    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, name, ": unsupported dtype ", torch::headeronly::toString(st));
-  }
-}
-
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
-  s << "]";
-  return s.str();
-}
 
 template <typename acc_t>
 struct Bands {

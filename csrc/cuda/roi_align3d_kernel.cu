@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "roi_align3d_common.h"
+#include "stable_utils.h"
 
 namespace stssa {
 namespace cuda {
@@ -51,27 +52,7 @@ constexpr int kThreads = 256;
     STD_TORCH_CHECK(err_ == cudaSuccess, "roi_align3d CUDA error: ", cudaGetErrorString(err_)); \
   } while (0)
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
-template <typename F>
-void dispatch_floating(ScalarType st, const char* name, F&& f) {
-  switch (st) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Double: f(double{}); break;
-    case ScalarType::Half: f(torch::headeronly::Half{}); break;
-    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, name, ": unsupported dtype ", torch::headeronly::toString(st));
-  }
-}
-
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
-  s << "]";
-  return s.str();
-}
 
 int64_t num_blocks(int64_t total, int device) {
   // grid-stride loops below: cap the grid, the loop covers the rest

@@ -1,0 +1,42 @@
+// Host-side helpers shared by the CPU and CUDA kernel files (LibTorch stable ABI): the accumulation type,
+// the dtype switch that replaces AT_DISPATCH (not part of the stable ABI), and shapes for error messages.
+#pragma once
+
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace stssa {
+
+// fp32 accumulation for every 16-bit dtype; float64 stays float64 (the tests' reference precision).
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+// Calls f(scalar_t{}) for the floating dtypes the ops support.
+template <typename F>
+inline void dispatch_floating(torch::headeronly::ScalarType st, const char* name, F&& f) {
+  using torch::headeronly::ScalarType;
+  switch (st) {
+    case ScalarType::Float: f(float{}); break;
+    case ScalarType::Double: f(double{}); break;
+    case ScalarType::Half: f(torch::headeronly::Half{}); break;
+    case ScalarType::BFloat16: f(torch::headeronly::BFloat16{}); break;
+    default: STD_TORCH_CHECK(false, name, ": unsupported dtype ", torch::headeronly::toString(st));
+  }
+}
+
+inline std::string shape_str(const torch::stable::Tensor& t) {
+  std::ostringstream s;
+  s << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  s << "]";
+  return s.str();
+}
+
+}  // namespace stssa
