@@ -34,20 +34,24 @@ unset PYTHONPATH TRITON_INTERPRET PIP_BUILD_CONSTRAINT
 
 T0=$SECONDS
 declare -a TIMES=() FAILED=()
-cpu_seconds() {  # user+sys seconds of this shell's finished children so far
-  times | tail -n 1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1]*60 + u[2] + s[1]*60 + s[2] }'
+cpu_seconds() {  # CPU_NOW = user+sys seconds of this shell's finished children so far
+  # `times` must run in this shell, not in a pipeline's or a $(...) subshell, which would count nothing
+  times >"$WORK/.times"
+  CPU_NOW=$(tail -n 1 "$WORK/.times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1]*60 + u[2] + s[1]*60 + s[2] }')
 }
 run_step() {  # run_step hard|soft NAME CMD...: CMD's output goes to a log; on failure print the log's tail
   local kind="$1" name="$2" t=$SECONDS c log
   shift 2
-  c=$(cpu_seconds)
+  cpu_seconds; c=$CPU_NOW
   log="$WORK/logs/$(printf '%02d' ${#TIMES[@]})-$(echo "$name" | tr -c 'A-Za-z0-9.\n-' '_').log"
   echo "[check-install] $name ..."
   if "$@" >"$log" 2>&1; then
-    TIMES+=("$(printf '%5d s wall %5d s cpu  %s' $((SECONDS - t)) $(($(cpu_seconds) - c)) "$name")")
+    cpu_seconds
+    TIMES+=("$(printf '%5d s wall %5d s cpu  %s' $((SECONDS - t)) $((CPU_NOW - c)) "$name")")
     return 0
   fi
-  TIMES+=("$(printf '%5d s wall %5d s cpu  %s  FAILED' $((SECONDS - t)) $(($(cpu_seconds) - c)) "$name")")
+  cpu_seconds
+  TIMES+=("$(printf '%5d s wall %5d s cpu  %s  FAILED' $((SECONDS - t)) $((CPU_NOW - c)) "$name")")
   echo "[check-install] FAILED: $name (after $((SECONDS - t)) s); last lines of $log:"
   tail -n 40 "$log"
   FAILED+=("$name")

@@ -205,7 +205,11 @@ def find_detector_weights(weights=None) -> Path:
         if not p.is_file():
             raise PersonDetectorUnavailable(f"--detector-weights {p}: no such file")
         return p
-    import torchvision.models.detection as det
+    try:
+        import torchvision.models.detection as det
+    except ImportError as e:
+        raise PersonDetectorUnavailable("--person-detector torchvision needs torchvision (install the build that "
+                                        f"matches your torch {torch.__version__}), or pass --boxes") from e
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     looked = []
     for _, enum in _TV_WEIGHTS:

@@ -8,6 +8,7 @@ and per-video errors are checked on their own."""
 from __future__ import annotations
 
 import json
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -245,7 +246,15 @@ def test_person_boxes_from_every_ava_form(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- person detector
+def test_person_detector_needs_torchvision(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "torchvision.models.detection", None)
+    with pytest.raises(PersonDetectorUnavailable, match="needs torchvision"):
+        find_detector_weights()
+
+
 def test_person_detector_needs_local_weights(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torchvision")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with pytest.raises(PersonDetectorUnavailable, match="fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"):
         find_detector_weights()
@@ -264,7 +273,7 @@ def test_person_detector_needs_local_weights(tmp_path, monkeypatch, capsys):
 
 
 def test_person_detector_runs_from_a_local_file(tmp_path, monkeypatch):
-    import torchvision.models.detection as det
+    det = pytest.importorskip("torchvision.models.detection")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     torch.manual_seed(0)
     model = det.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)

@@ -173,7 +173,7 @@ def test_zero_init_last_bn_option_and_block_branches():
     assert y.norm() > 0.1 * ident.norm()  # a live residual branch at initialisation
 
 
-@pytest.mark.parametrize("fused", [True, False] if FUSED_STSSA else [False])
+@pytest.mark.parametrize("fused", ([True] if FUSED_STSSA else []) + [pytest.param(False, marks=needs_torchvision)])
 def test_forward_rois_is_forward_after_roi_features(fused):
     """The ablation trains heads on cached ``roi_features``: ``forward_rois`` must give ``forward``'s logits;
     for the baseline the temporal mean of the 3-D RoIAlign is the 2-D RoIAlign of the temporal mean."""
@@ -188,6 +188,7 @@ def test_forward_rois_is_forward_after_roi_features(fused):
                                    rtol=1e-12, atol=1e-13)
 
 
+@needs_torchvision
 def test_head_scale_gamma_init_and_norm_position_keys():
     gen = torch.Generator().manual_seed(5)
     feats = torch.randn(2, 16, 4, 6, 6, generator=gen, dtype=torch.float64)
