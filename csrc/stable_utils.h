@@ -12,6 +12,8 @@
 #include <sstream>
 #include <string>
 
+#include "roi_align3d_common.h"
+
 namespace stssa {
 
 // fp32 accumulation for every 16-bit dtype; float64 stays float64 (the tests' reference precision).
@@ -37,6 +39,25 @@ inline std::string shape_str(const torch::stable::Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
   s << "]";
   return s.str();
+}
+
+// A 5-D tensor's strides, by value for kernel arguments.
+struct Strides5 {
+  int64_t s0, s1, s2, s3, s4;
+};
+
+inline Strides5 strides_of(const torch::stable::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// Whether a 5-D tensor is laid out as channels_last_3d (the rule of roi_align3d_common.h).
+inline bool channels_last(const torch::stable::Tensor& t) {
+  int64_t sizes[5], strides[5];
+  for (int d = 0; d < 5; ++d) {
+    sizes[d] = t.size(d);
+    strides[d] = t.stride(d);
+  }
+  return roi::is_channels_last_3d(sizes, strides);
 }
 
 }  // namespace stssa

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
@@ -126,3 +127,16 @@ def temporal_proj_sample_inputs(device="cpu", dtype=torch.float32, small: bool =
         x, ws, bs = temporal_proj_inputs(C=6, T=5, H=3, W=4, out_channels=(4, 5), kernel_sizes=(7, 1),
                                          bias=(True, False), dtype=dtype, device=device, seed=3)
         yield Sample(f"layout-{kind}", (layout(x, kind), ws, bs), {})
+
+
+class StssaOpLog(TorchDispatchMode):
+    """Records the names of the stssa ops a computation dispatches (``.ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "stssa":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))

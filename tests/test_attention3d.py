@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import stssa_kernels  # noqa: F401  (registers torch.ops.stssa.*)
 from _numerics import assert_by_rule, check_against_float64, run_with_grads
-from _samples import attention3d_inputs, attention3d_sample_inputs
+from _samples import StssaOpLog, attention3d_inputs, attention3d_sample_inputs
 from stssa_kernels import Attention3d, SelfAttention3d, attention3d
 from stssa_kernels.ops import attention3d as A
 from stssa_kernels.reference import attention3d_ref
@@ -211,28 +211,15 @@ def test_autocast_cpu_follows_the_autocast_dtype(amp):
 # ---------------------------------------------------------------------------------------------------
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the stssa ops a computation dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "stssa":
-            self.ops.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 def test_one_execution_path():
     """Eager forward and backward go through the two registered ops (one autograd.Function connects
     them), and compiled graphs hold the same two ops."""
     q, k, v, r, g = attention3d_inputs((1, 4, 2, 3, 3), 6, epilogue=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, r, g)]
-    with _OpLog() as log:
+    with StssaOpLog() as log:
         attention3d(*leaves[:3], "temporal", residual=leaves[3], gamma=leaves[4]).sum().backward()
     assert log.ops == ["attention3d", "_attention3d_backward"]
-    with _OpLog() as log, torch.no_grad():
+    with StssaOpLog() as log, torch.no_grad():
         attention3d(q, k, v, "temporal")
     assert log.ops == ["attention3d"]
     graphs = []

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import stssa_kernels
 from _numerics import assert_by_rule
-from _samples import STSSA_KT, temporal_proj_inputs, temporal_proj_sample_inputs
+from _samples import STSSA_KT, StssaOpLog, temporal_proj_inputs, temporal_proj_sample_inputs
 from stssa_kernels import TemporalProjection, temporal_proj
 from stssa_kernels.ops import temporal_proj as tp_ops
 from stssa_kernels.reference import temporal_proj_ref
@@ -268,21 +268,9 @@ def test_compile_fullgraph(sample):
 
 def test_one_execution_path():
     """Eager forward and backward run the two registered ops (one autograd.Function connects them)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "stssa":
-                self.ops.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     x, ws, bs = make(C=4, T=3, out_channels=(2, 2), kernel_sizes=(3, 1))
     ws = [w.requires_grad_() for w in ws]
-    with Log() as log:
+    with StssaOpLog() as log:
         sum(o.sum() for o in temporal_proj(x, ws, bs)).backward()
     assert log.ops == ["temporal_proj", "_temporal_proj_backward"]
 

@@ -202,22 +202,6 @@ void run_backward_box(const acc_t* g, const BoxTables<acc_t>& bt, int ph_n, int 
   base::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
 }
 
-struct Strides5 {
-  int64_t s0, s1, s2, s3, s4;
-};
-
-Strides5 strides_of(const Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
-bool channels_last(const Tensor& t) {
-  int64_t sizes[5], strides[5];
-  for (int d = 0; d < 5; ++d) {
-    sizes[d] = t.size(d);
-    strides[d] = t.stride(d);
-  }
-  return roi::is_channels_last_3d(sizes, strides);
-}
 
 template <typename scalar_t>
 void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_scale, int ph_n, int pw_n,

@@ -82,22 +82,6 @@ struct Shape5 {
   int64_t N, C, T, H, W;
 };
 
-struct Strides5 {
-  int64_t s0, s1, s2, s3, s4;
-};
-
-Strides5 strides_of(const Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
-bool channels_last(const Tensor& t) {
-  int64_t sizes[5], strides[5];
-  for (int d = 0; d < 5; ++d) {
-    sizes[d] = t.size(d);
-    strides[d] = t.stride(d);
-  }
-  return roi::is_channels_last_3d(sizes, strides);
-}
 
 template <typename scalar_t, typename acc_t, bool kChannelsFastest>
 __global__ void __launch_bounds__(kThreads, 1)
