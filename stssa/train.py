@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import math
 import os
 import sys
@@ -461,9 +462,22 @@ class Trainer:
             self.tb.close()
         return result
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, finished: bool = True) -> None:
+        """Tear the process group down; after a finished run, on every rank together.
+
+        Without the barrier, a rank that finishes first destroys its gloo pairs while its peer may still
+        be sending; and the DDP wrapper's reducer holds the process group, so it is dropped first -- left
+        alive, its gloo threads are destroyed during interpreter finalisation, which can abort the
+        process ("terminate called without an active exception", seen once in CI). After an error there
+        is no barrier: the failing rank must exit at once so that torchrun stops the others.
+        """
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if finished:
+            dist.barrier()
+        self.ddp = self.model
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -483,12 +497,14 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.set)
     out = Path(args.out or cfg.get("out") or Path("runs") / cfg["name"])
     trainer = Trainer(cfg, out, device=args.device, quiet=args.quiet)
+    finished = False
     try:
         if args.resume:
             trainer.resume()
         trainer.fit(kill_after=args.kill_after_steps)
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(finished)
     return 0
 
 
