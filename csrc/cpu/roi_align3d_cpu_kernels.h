@@ -82,6 +82,52 @@ STSSA_KERNEL_ATTR void backward_box(const acc_t* __restrict g, const BandsView<a
   }
 }
 
+// dst[j * ds + i] = src[i * ss + j] for i < rows, j < cols (fp32): moves channel blocks between the
+// planar NCTHW layout and the kernels' channel-fastest tiles. 8x8 blocks in registers where the ISA has
+// them (AVX2), element by element at the edges.
+STSSA_KERNEL_ATTR inline void transpose_f32(const float* __restrict src, int64_t ss, float* __restrict dst,
+                                            int64_t ds, int64_t rows, int64_t cols) {
+  int64_t i0 = 0;
+#if STSSA_KERNEL_AVX2
+  for (; i0 + 8 <= rows; i0 += 8) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= cols; j0 += 8) {
+      const float* s = src + i0 * ss + j0;
+      if ((j0 & 15) == 0)  // the 8 source rows are separate streams: fetch each 4 lines ahead
+        for (int r = 0; r < 8; ++r) _mm_prefetch(reinterpret_cast<const char*>(s + r * ss + 64), _MM_HINT_T0);
+      __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ss), r2 = _mm256_loadu_ps(s + 2 * ss),
+             r3 = _mm256_loadu_ps(s + 3 * ss), r4 = _mm256_loadu_ps(s + 4 * ss), r5 = _mm256_loadu_ps(s + 5 * ss),
+             r6 = _mm256_loadu_ps(s + 6 * ss), r7 = _mm256_loadu_ps(s + 7 * ss);
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
+                   u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+                   u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+                   u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+                   u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)),
+                   u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+                   u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)),
+                   u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+      float* d = dst + j0 * ds + i0;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t i = i0; i < i0 + 8; ++i)
+      for (int64_t j = j0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+}
+
 }  // namespace STSSA_KERNEL_NS
 }  // namespace cpu
 }  // namespace stssa

@@ -59,17 +59,22 @@ struct BandsView {
 
 #define STSSA_KERNEL_NS base
 #define STSSA_KERNEL_ATTR
+#define STSSA_KERNEL_AVX2 0
 #include "roi_align3d_cpu_kernels.h"
 #undef STSSA_KERNEL_NS
 #undef STSSA_KERNEL_ATTR
+#undef STSSA_KERNEL_AVX2
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define STSSA_HAVE_AVX2_KERNELS 1
 #define STSSA_KERNEL_NS avx2
 #define STSSA_KERNEL_ATTR __attribute__((target("avx2,fma")))
+#define STSSA_KERNEL_AVX2 1
+#include <immintrin.h>
 #include "roi_align3d_cpu_kernels.h"
 #undef STSSA_KERNEL_NS
 #undef STSSA_KERNEL_ATTR
+#undef STSSA_KERNEL_AVX2
 #endif
 
 namespace stssa {
@@ -166,6 +171,15 @@ std::vector<BoxTables<acc_t>> all_tables(const acc_t* rdata, int64_t K, int64_t 
   return tables;
 }
 
+// The tables of box k at frame t (one table per box when the boxes are shared by all frames).
+template <typename acc_t>
+struct BoxTablesAll {
+  std::vector<BoxTables<acc_t>> v;
+  bool per_frame;
+  int64_t T;
+  const BoxTables<acc_t>& at(int64_t k, int64_t t) const { return v[per_frame ? k * T + t : k]; }
+};
+
 template <typename acc_t>
 bool valid_batch(acc_t b, int64_t N) {
   return b >= acc_t(0) && b < static_cast<acc_t>(N);
@@ -202,6 +216,89 @@ void run_backward_box(const acc_t* g, const BoxTables<acc_t>& bt, int ph_n, int 
   base::backward_box<acc_t, CB>(g, by, bx, ph_n, pw_n, W, tmp, G);
 }
 
+void transpose_f32(const float* src, int64_t ss, float* dst, int64_t ds, int64_t rows, int64_t cols) {
+#ifdef STSSA_HAVE_AVX2_KERNELS
+  if (cpu_has_avx2()) return avx2::transpose_f32(src, ss, dst, ds, rows, cols);
+#endif
+  base::transpose_f32(src, ss, dst, ds, rows, cols);
+}
+
+// Forward for inputs whose channels are not the fastest index (contiguous NCTHW, the common case).
+// Tasks (channel block, clip), channel-block-major so that each thread gets every clip (box sizes differ
+// between clips); per frame, the rows of the frame's CB planes that the clip's boxes touch are
+// transposed once into a channel-fastest tile [y][x][CB] (8x8 register transposes for fp32 rows), every
+// box of the clip is computed from that tile, and its [bins][CB] result is transposed into the output.
+// The input is read once, in its own layout; no (box, frame) pair copies pixels of its own.
+template <typename scalar_t>
+void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<scalar_t>::type>& tb,
+                    const std::vector<std::vector<int64_t>>& by_batch, int ph_n, int pw_n, Tensor& output) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t N = input.size(0), C = input.size(1), T = input.size(2), H = input.size(3), W = input.size(4);
+  const Strides5 si = strides_of(input), so = strides_of(output);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
+  const int64_t cblocks = (C + CB - 1) / CB;
+  constexpr bool f32 = std::is_same_v<scalar_t, float>;
+  const bool rows_dense = f32 && si.s4 == 1 && si.s3 == W;   // a plane's pixels are contiguous
+  const bool out_dense = f32 && so.s4 == 1 && so.s3 == pw_n;  // a bin row of one channel is contiguous
+  torch::stable::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB),
+        obuf(static_cast<size_t>(bins) * CB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task % N, c0 = (task / N) * CB;
+      const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
+      const auto& boxes = by_batch[n];
+      if (boxes.empty()) continue;
+      if (cb < CB) std::fill(tile.begin(), tile.end(), acc_t(0));  // lanes >= cb stay finite zeros
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t ylo = H, yhi = 0;  // the rows this frame's boxes read
+        for (const int64_t k : boxes) {
+          const BoxTables<acc_t>& bt = tb.at(k, t);
+          if (bt.empty) continue;
+          ylo = std::min(ylo, bt.y.lo);
+          yhi = std::max(yhi, bt.y.lo + bt.y.span);
+        }
+        const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
+        if (yhi > ylo) {
+          if constexpr (f32) {
+            if (rows_dense) {
+              transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
+              goto tiled;
+            }
+          }
+          for (int c = 0; c < cb; ++c)
+            for (int64_t y = ylo; y < yhi; ++y) {
+              const scalar_t* row = plane + c * si.s1 + y * si.s3;
+              acc_t* d = tile.data() + y * W * CB + c;
+              for (int64_t x = 0; x < W; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
+            }
+        }
+      tiled:
+        for (const int64_t k : boxes) {
+          const BoxTables<acc_t>& bt = tb.at(k, t);
+          scalar_t* o = out + k * so.s0 + c0 * so.s1 + t * so.s2;
+          if (bt.empty) {
+            std::fill(obuf.begin(), obuf.end(), acc_t(0));
+          } else {
+            run_forward_box<acc_t, acc_t>(tile.data() + (bt.y.lo * W + bt.x.lo) * CB, W * CB, CB, bt, ph_n, pw_n,
+                                          tmp.data(), obuf.data());
+          }
+          if constexpr (f32) {
+            if (out_dense) {
+              transpose_f32(obuf.data(), CB, o, so.s1, bins, cb);
+              continue;
+            }
+          }
+          for (int c = 0; c < cb; ++c)
+            for (int ph = 0; ph < ph_n; ++ph)
+              for (int pw = 0; pw < pw_n; ++pw)
+                o[c * so.s1 + ph * so.s3 + pw * so.s4] = static_cast<scalar_t>(obuf[(ph * pw_n + pw) * CB + c]);
+        }
+      }
+    }
+  });
+}
 
 template <typename scalar_t>
 void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_scale, int ph_n, int pw_n,
@@ -217,11 +314,26 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
   const int64_t cblocks = (C + CB - 1) / CB;
-  const auto tables = all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W);
-
-  // tasks (box, channel block), grouped by batch index then channel block, so consecutive tasks of a
-  // thread read the same pixels; rows with an invalid batch index (unchecked input) come last.
+  const BoxTablesAll<acc_t> tb{
+      all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W), per_frame, T};
+  const auto& tables = tb.v;
   const auto by_batch = boxes_by_batch(rdata, K, n_boxes, N);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+
+  if (!(si.s1 == 1 && C > 1)) {  // channels not the fastest index
+    forward_planar<scalar_t>(input, tb, by_batch, ph_n, pw_n, output);
+    for (int64_t k = 0; k < K; ++k)  // rows with an invalid batch index (unchecked input): NaN
+      if (!valid_batch(rdata[k * n_boxes * 5], N))
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < T; ++t)
+            for (int ph = 0; ph < ph_n; ++ph)
+              for (int pw = 0; pw < pw_n; ++pw)
+                out[k * so.s0 + c * so.s1 + t * so.s2 + ph * so.s3 + pw * so.s4] = static_cast<scalar_t>(nan);
+    return;
+  }
+
+  // channels-last input: tasks (box, channel block), grouped by batch index then channel block, so consecutive tasks of a
+  // thread read the same pixels; rows with an invalid batch index (unchecked input) come last.
   std::vector<int64_t> task_k, task_cb;
   task_k.reserve(K * cblocks);
   task_cb.reserve(K * cblocks);
@@ -239,8 +351,7 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
       }
 
   // direct channel-vector reads need unit channel stride, a full block and no dtype conversion
-  const bool direct_ok = si.s1 == 1 && std::is_same_v<scalar_t, acc_t>;
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool direct_ok = std::is_same_v<scalar_t, acc_t>;
   torch::stable::parallel_for(0, static_cast<int64_t>(task_k.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile, tmp(static_cast<size_t>(W) * CB), obuf(static_cast<size_t>(bins) * CB);
     for (int64_t task = begin; task < end; ++task) {
@@ -373,19 +484,31 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
   const int64_t cblocks = (C + CB - 1) / CB;
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
 
+  constexpr bool f32 = std::is_same_v<scalar_t, float>;
+  const bool g_dense = f32 && sg.s4 == 1 && sg.s3 == pw_n;                    // a channel's bins contiguous
+  const bool gi_dense = f32 && sd.s4 == 1 && sd.s3 == W && !(sd.s1 == 1 && C > 1);  // planes contiguous
   torch::stable::parallel_for(0, N * cblocks * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> G(static_cast<size_t>(H * W * CB)), tmp(static_cast<size_t>(W) * CB),
         gbuf(static_cast<size_t>(bins) * CB, acc_t(0));
     for (int64_t task = begin; task < end; ++task) {
+      // channel-block-major, so that each thread gets every clip (box sizes differ between clips)
       const int64_t t = task % T;
-      const int64_t c0 = ((task / T) % cblocks) * CB;
-      const int64_t n = task / (T * cblocks);
+      const int64_t n = (task / T) % N;
+      const int64_t c0 = (task / (T * N)) * CB;
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
       std::fill(G.begin(), G.end(), acc_t(0));
       for (const int64_t k : by_batch[n]) {
         const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
         if (bt.empty) continue;
         const scalar_t* go = gd + k * sg.s0 + c0 * sg.s1 + t * sg.s2;
+        if constexpr (f32) {
+          if (g_dense) {  // lanes >= cb of gbuf are never written: they stay 0
+            transpose_f32(go, sg.s1, gbuf.data(), CB, cb, bins);
+            for (int64_t i = 0; i < bins * CB; ++i) gbuf[i] *= bt.inv_count;
+            run_backward_box<acc_t>(gbuf.data(), bt, ph_n, pw_n, W, tmp.data(), G.data());
+            continue;
+          }
+        }
         for (int c = 0; c < cb; ++c)
           for (int ph = 0; ph < ph_n; ++ph)
             for (int pw = 0; pw < pw_n; ++pw)
@@ -394,6 +517,12 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
         run_backward_box<acc_t>(gbuf.data(), bt, ph_n, pw_n, W, tmp.data(), G.data());
       }
       scalar_t* d = gi + n * sd.s0 + c0 * sd.s1 + t * sd.s2;
+      if constexpr (f32) {
+        if (gi_dense) {
+          transpose_f32(G.data(), CB, d, sd.s1, H * W, cb);
+          continue;
+        }
+      }
       if (sd.s1 == 1) {
         for (int64_t y = 0; y < H; ++y)
           for (int64_t x = 0; x < W; ++x) {
