@@ -5,12 +5,15 @@
 //    bands per output bin (one along y, one along x; see roi_align3d_cpu_kernels.h) and reused for every
 //    channel -- and for every frame when the box is shared;
 //  * the feature values of the box's pixels are read as channel vectors: directly when the input is
-//    channels-last (channel stride 1), otherwise through a small per-(box, frame, block) transposed tile
-//    [y][x][c] (strided rows of CB planes copied once, which is cheaper than gathering across planes in
-//    the inner loop and never copies the whole feature map).
-// Forward: tasks (box, channel block) ordered by batch index so that boxes of one clip reuse its pixels
-// from cache; each task loops over the frames and writes out[k, c0:c0+CB, :, :, :].
-// Backward (dX = the transpose): tasks (batch, channel block, frame); each owns the grad_input slice
+//    channels-last (channel stride 1); otherwise (contiguous NCTHW, the common case) the rows of a frame's
+//    CB planes that the clip's boxes touch are transposed once into a channel-fastest tile [y][x][c]
+//    that all boxes of the clip share (8x8 register transposes for fp32), and each box's [bins][c] result
+//    is transposed back into the output the same way.
+// Forward, channels-last input: tasks (box, channel block) ordered by batch index so that boxes of one
+// clip reuse its pixels from cache; each task loops over the frames and writes out[k, c0:c0+CB, :, :, :].
+// Forward, other layouts: tasks (channel block, clip), channel-block-major so that each thread gets every
+// clip; each loops over the frames, then over the clip's boxes.
+// Backward (dX = the transpose): tasks (channel block, batch, frame); each owns the grad_input slice
 // [n, c0:c0+CB, t, :, :], accumulates all boxes of its batch in roi order into a thread-private plane
 // tile and writes every element of its slice exactly once (no zero-fill pass, no atomics, deterministic
 // whatever the thread count; slices of different tasks are disjoint whole rows/channel blocks, so there
@@ -260,13 +263,14 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
           yhi = std::max(yhi, bt.y.lo + bt.y.span);
         }
         const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
-        if (yhi > ylo) {
-          if constexpr (f32) {
-            if (rows_dense) {
-              transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
-              goto tiled;
-            }
+        bool tiled = yhi <= ylo;
+        if constexpr (f32) {
+          if (!tiled && rows_dense) {
+            transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
+            tiled = true;
           }
+        }
+        if (!tiled) {
           for (int c = 0; c < cb; ++c)
             for (int64_t y = ylo; y < yhi; ++y) {
               const scalar_t* row = plane + c * si.s1 + y * si.s3;
@@ -274,7 +278,6 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
               for (int64_t x = 0; x < W; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
             }
         }
-      tiled:
         for (const int64_t k : boxes) {
           const BoxTables<acc_t>& bt = tb.at(k, t);
           scalar_t* o = out + k * so.s0 + c0 * so.s1 + t * so.s2;
