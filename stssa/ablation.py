@@ -84,16 +84,9 @@ PROTOCOLS: Dict[str, dict] = {
                  "warmup_frac": 0.05, "clip_grad": 10.0, "gamma_lr_mult": 1.0},
         "seeds": 1, "chance_draws": 3,
     },
-    # `make demo` (stssa/demo.py): the full protocol's set and backbone, two rows, one seed.
-    "demo": {
-        "data": {"videos": 64, "seconds": 10, "seed": 0, "height": 96, "width": 128, "val_fraction": 0.35},
-        "backbone_config": "synthetic_stssa_0l", "backbone_overrides": [],
-        "train_views": 2, "threads": 1,
-        "head": {"epochs": 10, "batch_size": 32, "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
-                 "warmup_frac": 0.05, "clip_grad": 10.0, "gamma_lr_mult": 1.0},
-        "seeds": 1, "chance_draws": 10,
-    },
 }
+# `make demo` (stssa/demo.py): the full protocol's set, backbone and recipe, two rows, one seed.
+PROTOCOLS["demo"] = {**copy.deepcopy(PROTOCOLS["full"]), "seeds": 1}
 QUICK_ROWS = ["ssfa_tsfa_gap2048_2l_ln"]
 DEMO_ROWS = ["baseline", "ssfa_tsfa_gap2048_2l_ln"]
 

@@ -250,3 +250,23 @@ def reason_if(cond: bool, text: str, out: list) -> None:
 
 
 __all__ = ["Problem", "Rule", "Backend", "Choice", "Dispatcher", "between", "reason_if"]
+
+
+def register_op_pair(forward_schema: str, backward_schema: str, forward_kernel, backward_kernel, forward_fake,
+                     backward_fake):
+    """Define an op and its backward op in the ``stssa`` namespace: one Python kernel each for CPU and
+    CUDA (the backend is chosen inside it, see above) and a fake kernel each. Returns ``(library,
+    forward OpOverload, backward OpOverload)``; the caller keeps the library alive."""
+    import torch
+
+    lib = torch.library.Library("stssa", "FRAGMENT")  # noqa: TOR901
+    ops = []
+    for schema, kernel, fake in ((forward_schema, forward_kernel, forward_fake),
+                                 (backward_schema, backward_kernel, backward_fake)):
+        name = schema.split("(", 1)[0]
+        lib.define(schema)
+        for key in ("CPU", "CUDA"):
+            lib.impl(name, kernel, key)
+        torch.library.register_fake(f"stssa::{name}", fake, lib=lib)
+        ops.append(getattr(torch.ops.stssa, name).default)
+    return lib, ops[0], ops[1]

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_count_and_length, to_seq
 from . import _arch
-from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between
+from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between, register_op_pair
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "select", "explain"]
 
@@ -545,18 +545,12 @@ def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, 
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
 
 
-_LIB = torch.library.Library("stssa", "FRAGMENT")  # noqa: TOR901 (kept alive with the module)
-_LIB.define("attention3d(Tensor q, Tensor k, Tensor v, str axis, int heads, float scale, Tensor? residual, "
-            "Tensor? gamma) -> (Tensor, Tensor, Tensor[])")
-_LIB.define("_attention3d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-            "Tensor[] saved, str axis, int heads, float scale, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)")
-for _dispatch_key in ("CPU", "CUDA"):
-    _LIB.impl("attention3d", _attention3d_kernel, _dispatch_key)
-    _LIB.impl("_attention3d_backward", _attention3d_backward_kernel, _dispatch_key)
-torch.library.register_fake("stssa::attention3d", _attention3d_fake, lib=_LIB)
-torch.library.register_fake("stssa::_attention3d_backward", _attention3d_backward_fake, lib=_LIB)
-_forward_op = torch.ops.stssa.attention3d.default
-_backward_op = torch.ops.stssa._attention3d_backward.default
+_LIB, _forward_op, _backward_op = register_op_pair(  # _LIB kept alive with the module
+    "attention3d(Tensor q, Tensor k, Tensor v, str axis, int heads, float scale, Tensor? residual, "
+    "Tensor? gamma) -> (Tensor, Tensor, Tensor[])",
+    "_attention3d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor[] saved, str axis, int heads, float scale, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
+    _attention3d_kernel, _attention3d_backward_kernel, _attention3d_fake, _attention3d_backward_fake)
 
 
 class _Attention3dFunction(torch.autograd.Function):

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
 from . import _arch
-from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between
+from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between, register_op_pair
 
 __all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "select", "explain", "pack_weights", "pack_biases"]
 
@@ -541,17 +541,11 @@ def _backward_fake(grad_y, x, weights, output_mask):
     return dx, dws, db
 
 
-_LIB = torch.library.Library("stssa", "FRAGMENT")  # noqa: TOR901 (kept alive with the module)
-_LIB.define("temporal_proj(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
-_LIB.define("_temporal_proj_backward(Tensor grad_y, Tensor x, Tensor[] weights, bool[] output_mask) "
-            "-> (Tensor, Tensor[], Tensor)")
-for _dispatch_key in ("CPU", "CUDA"):
-    _LIB.impl("temporal_proj", _forward_kernel, _dispatch_key)
-    _LIB.impl("_temporal_proj_backward", _backward_kernel, _dispatch_key)
-torch.library.register_fake("stssa::temporal_proj", _forward_fake, lib=_LIB)
-torch.library.register_fake("stssa::_temporal_proj_backward", _backward_fake, lib=_LIB)
-_forward_op = torch.ops.stssa.temporal_proj.default
-_backward_op = torch.ops.stssa._temporal_proj_backward.default
+_LIB, _forward_op, _backward_op = register_op_pair(  # _LIB kept alive with the module
+    "temporal_proj(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor",
+    "_temporal_proj_backward(Tensor grad_y, Tensor x, Tensor[] weights, bool[] output_mask) "
+    "-> (Tensor, Tensor[], Tensor)",
+    _forward_kernel, _backward_kernel, _forward_fake, _backward_fake)
 
 
 class _TemporalProjFunction(torch.autograd.Function):
