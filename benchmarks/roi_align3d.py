@@ -12,7 +12,9 @@ frame) and "far" (people far from the camera: 8-68 px boxes on the 256 px frame)
 in interleaved rounds (one call of each per round, median), so that load drift on a shared CPU hits them
 alike. The forward is also reported against the memory floor: the unique input bytes under the boxes read
 once plus the output written once, at the device's peak bandwidth on GPU, and on CPU at the bandwidth of
-a copy of the feature map measured in the same rounds (``mem_copy``: reads and writes every byte once).
+a copy of the feature map measured in the same rounds (``mem_copy``: reads and writes every byte once);
+on CPU also against the same floor counted in whole 64-byte cache lines (``line_floor_ms``), which is
+what a CPU moves (a 16-pixel fp32 row is one line, so a 3-pixel far-away box costs the whole line).
 """
 from __future__ import annotations
 
@@ -57,17 +59,37 @@ def far_boxes(n, k, img, gen, device, dtype):
 BOXES = {"person": person_boxes, "far": far_boxes}
 
 
-def floor_bytes(boxes, shape, elem):
-    """Unique input bytes under the boxes (+1 pixel for the bilinear neighbours) + output bytes."""
+def _box_mask(boxes, shape):
+    """[N, H, W] bool: the pixels the boxes' bilinear samples can touch (+1 pixel for the neighbours)."""
     n, c, t, h, w = shape
     mask = torch.zeros(n, h, w, dtype=torch.bool)
     for b, x1, y1, x2, y2 in boxes.double().cpu().tolist():
         xs, ys = x1 * SCALE - 0.5, y1 * SCALE - 0.5
         xe, ye = x2 * SCALE - 0.5, y2 * SCALE - 0.5
         mask[int(b), max(int(ys), 0):min(int(ye) + 2, h), max(int(xs), 0):min(int(xe) + 2, w)] = True
-    unique_in = int(mask.sum()) * c * t
+    return mask
+
+
+def floor_bytes(boxes, shape, elem):
+    """Unique input bytes under the boxes (+1 pixel for the bilinear neighbours) + output bytes."""
+    n, c, t, h, w = shape
+    unique_in = int(_box_mask(boxes, shape).sum()) * c * t
     out = boxes.shape[0] * c * t * OUT * OUT
     return (unique_in + out) * elem
+
+
+def line_floor_bytes(boxes, shape, elem, line=64):
+    """The same at cache-line granularity: the 64-byte lines of the contiguous NCTHW map that hold a
+    pixel under the boxes (rows assumed to start on a line, true for W * elem % 64 == 0: 16 fp32 pixels
+    are one line), + output bytes. Memory moves whole lines, so this is what a CPU reads at best; for
+    small boxes it is well above the pixel floor."""
+    n, c, t, h, w = shape
+    mask = _box_mask(boxes, shape)
+    per_line = max(line // elem, 1)
+    lines = 0
+    for x0 in range(0, w, per_line):
+        lines += int(mask[:, :, x0:x0 + per_line].any(-1).sum())
+    return (lines * line) * c * t + boxes.shape[0] * c * t * OUT * OUT * elem
 
 
 def run(args):
@@ -123,6 +145,10 @@ def run(args):
                         row["copy_gbps"] = gbps
                     else:
                         gbps = None
+                    if gbps and device.type == "cpu":
+                        lb = line_floor_bytes(boxes, x.shape, x.element_size())
+                        row["line_floor_ms"] = lb / (gbps * 1e9) * 1e3
+                        row["x_line_floor"] = ours / row["line_floor_ms"]
                     if gbps:
                         row["floor_ms"] = fb / (gbps * 1e9) * 1e3
                         row["floor_ratio"] = row["floor_ms"] / ours
@@ -130,11 +156,12 @@ def run(args):
                         row["gbps"] = fb / (ours * 1e-3) / 1e9
                 rows.append(row)
                 extra = f"  {row['x_floor']:.2f}x floor" if "x_floor" in row else ""
+                extra += f", {row['x_line_floor']:.2f}x line floor" if "x_line_floor" in row else ""
                 print(f"  {sname:8s} {bname:6s} {mode:8s} ours {ours:9.3f} ms  {best_base} "
                       f"{results[best_base]['median_ms']:9.3f} ms  speed-up x{row['speedup']:.2f}{extra}", flush=True)
     cols = [("shape", "shape"), ("boxes", "boxes"), ("mode", "mode"), ("roi_align3d", "ours ms"),
             ("tv_fold", "tv_fold ms"), ("tv_loop", "tv_loop ms"), ("speedup", "x best"), ("floor_ms", "floor ms"),
-            ("x_floor", "ours/floor")]
+            ("x_floor", "ours/floor"), ("x_line_floor", "ours/line floor")]
     print()
     print_table(rows, cols)
     path = write_results("roi_align3d", device, {

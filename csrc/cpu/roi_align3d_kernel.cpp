@@ -245,14 +245,19 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
   constexpr bool f32 = std::is_same_v<scalar_t, float>;
   const bool rows_dense = f32 && si.s4 == 1 && si.s3 == W;   // a plane's pixels are contiguous
   const bool out_dense = f32 && so.s4 == 1 && so.s3 == pw_n;  // a bin row of one channel is contiguous
+  // The output of a (box, channel) pair is T * bins contiguous values (contiguous output): a box's results
+  // for all frames are kept in obuf and transposed out once, as CB long sequential runs, rather than one
+  // 49-value run per frame and channel (that pattern wrote partial cache lines that later frames complete).
+  const bool out_runs = out_dense && so.s2 == bins;
   torch::stable::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB),
-        obuf(static_cast<size_t>(bins) * CB);
+    std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB), obuf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task % N, c0 = (task / N) * CB;
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
       const auto& boxes = by_batch[n];
       if (boxes.empty()) continue;
+      const int64_t nb = static_cast<int64_t>(boxes.size());
+      obuf.resize(static_cast<size_t>(nb * T * bins * CB));
       if (cb < CB) std::fill(tile.begin(), tile.end(), acc_t(0));  // lanes >= cb stay finite zeros
       for (int64_t t = 0; t < T; ++t) {
         int64_t ylo = H, yhi = 0;  // the rows this frame's boxes read
@@ -278,26 +283,36 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
               for (int64_t x = 0; x < W; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
             }
         }
-        for (const int64_t k : boxes) {
-          const BoxTables<acc_t>& bt = tb.at(k, t);
-          scalar_t* o = out + k * so.s0 + c0 * so.s1 + t * so.s2;
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          const BoxTables<acc_t>& bt = tb.at(boxes[bi], t);
+          acc_t* ob = obuf.data() + (bi * T + t) * bins * CB;
           if (bt.empty) {
-            std::fill(obuf.begin(), obuf.end(), acc_t(0));
+            std::fill(ob, ob + bins * CB, acc_t(0));
           } else {
             run_forward_box<acc_t, acc_t>(tile.data() + (bt.y.lo * W + bt.x.lo) * CB, W * CB, CB, bt, ph_n, pw_n,
-                                          tmp.data(), obuf.data());
+                                          tmp.data(), ob);
           }
-          if constexpr (f32) {
-            if (out_dense) {
-              transpose_f32(obuf.data(), CB, o, so.s1, bins, cb);
-              continue;
-            }
+        }
+      }
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        const acc_t* ob = obuf.data() + bi * T * bins * CB;
+        scalar_t* o = out + boxes[bi] * so.s0 + c0 * so.s1;
+        if constexpr (f32) {
+          if (out_runs) {
+            transpose_f32(ob, CB, o, so.s1, T * bins, cb);
+            continue;
           }
+          if (out_dense) {
+            for (int64_t t = 0; t < T; ++t) transpose_f32(ob + t * bins * CB, CB, o + t * so.s2, so.s1, bins, cb);
+            continue;
+          }
+        }
+        for (int64_t t = 0; t < T; ++t)
           for (int c = 0; c < cb; ++c)
             for (int ph = 0; ph < ph_n; ++ph)
               for (int pw = 0; pw < pw_n; ++pw)
-                o[c * so.s1 + ph * so.s3 + pw * so.s4] = static_cast<scalar_t>(obuf[(ph * pw_n + pw) * CB + c]);
-        }
+                o[t * so.s2 + c * so.s1 + ph * so.s3 + pw * so.s4] =
+                    static_cast<scalar_t>(ob[(t * bins + ph * pw_n + pw) * CB + c]);
       }
     }
   });
@@ -499,7 +514,21 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
       const int64_t n = (task / T) % N;
       const int64_t c0 = (task / (T * N)) * CB;
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
-      std::fill(G.begin(), G.end(), acc_t(0));
+      // The rows of the plane this frame's boxes touch: only these are accumulated and transposed; on the
+      // dense fp32 path the others are written as zeros directly (small and far-away boxes leave most rows
+      // untouched).
+      int64_t ylo = 0, yhi = H;
+      if (gi_dense) {
+        ylo = H, yhi = 0;
+        for (const int64_t k : by_batch[n]) {
+          const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+          if (bt.empty) continue;
+          ylo = std::min(ylo, bt.y.lo);
+          yhi = std::max(yhi, bt.y.lo + bt.y.span);
+        }
+        if (yhi < ylo) yhi = ylo;
+      }
+      std::fill(G.begin() + ylo * W * CB, G.begin() + yhi * W * CB, acc_t(0));
       for (const int64_t k : by_batch[n]) {
         const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
         if (bt.empty) continue;
@@ -522,7 +551,11 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
       scalar_t* d = gi + n * sd.s0 + c0 * sd.s1 + t * sd.s2;
       if constexpr (f32) {
         if (gi_dense) {
-          transpose_f32(G.data(), CB, d, sd.s1, H * W, cb);
+          for (int c = 0; c < cb; ++c) {
+            std::fill(d + c * sd.s1, d + c * sd.s1 + ylo * W, scalar_t(0));
+            std::fill(d + c * sd.s1 + yhi * W, d + c * sd.s1 + H * W, scalar_t(0));
+          }
+          if (yhi > ylo) transpose_f32(G.data() + ylo * W * CB, CB, d + ylo * W, sd.s1, (yhi - ylo) * W, cb);
           continue;
         }
       }
