@@ -108,16 +108,18 @@ def run(args):
         "tv_loop": lambda x, b: roi_align3d_ref_loop(x, b, OUT, SCALE, SR, ALIGNED),
     }
     rows = []
-    gen = torch.Generator().manual_seed(0)
     modes = args.modes.split(",")
     for sname in args.shapes.split(","):
         s = SHAPES[sname]
+        # seeds per shape and per box set, so that a run of a subset (--shapes, --boxes) times the same inputs
+        gen = torch.Generator().manual_seed(list(SHAPES).index(sname))
         x = torch.randn(s["N"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
         g = torch.randn(s["K"], s["C"], s["T"], OUT, OUT, generator=gen).to(device, dtype)
         xr = x.detach().requires_grad_()
         copy_dst = torch.empty_like(x)
         for bname in args.boxes.split(","):
-            boxes = BOXES[bname](s["N"], s["K"], s["H"] / SCALE, gen, device, torch.float32)
+            bgen = torch.Generator().manual_seed(100 + 10 * list(SHAPES).index(sname) + list(BOXES).index(bname))
+            boxes = BOXES[bname](s["N"], s["K"], s["H"] / SCALE, bgen, device, torch.float32)
             for mode in modes:
                 fns = {}
                 for name, f in methods.items():
