@@ -119,15 +119,23 @@ class _SdpaEfficient(Backend):
 #: CPU regime of batched matmul/softmax/matmul keeping P for the backward (as the PyTorch composition
 #: does): sequences up to CPU_MATH_MAX_LEN tokens whose scores (sequences * heads * L^2) fit 64 MiB in
 #: fp32. Measured with benchmarks/attn3d.py on this project's 2-core CPU (results/attn3d_cpu-*.json):
-#: the matmul composition beats PyTorch's CPU flash kernel up to L = 512 and loses to it at L = 2048.
+#: the matmul composition beats PyTorch's CPU flash kernel up to L = 512 on the full axis (whose sequence
+#: view of an NCTHW map needs no copy, while the flash kernel needs a unit-stride head dim) and loses to
+#: it at L = 2048. On the spatial axis both need the same copies, and from CPU_SPATIAL_FLASH_LEN tokens
+#: (16x16 frames) the flash kernel is faster (idle machine, Dk = Dv = 32/64/128: 0.68-0.93x the math
+#: path's time, forward and forward+backward; at 8x8 it is 1.10-1.13x).
 CPU_MATH_MAX_LEN = 512
 CPU_MATH_MAX_SCORES = 1 << 24
+CPU_SPATIAL_FLASH_LEN = 256
 #: head dims of the sm_75 SDPA rule: the ones the GPU tests run through it (test_gpu_sdpa_efficient_rule)
 SM75_SDPA_HEAD_DIMS = (64,)
 
 DISPATCH = Dispatcher("attention3d", [_Triton(), _TorchFlash(), _TorchMath(), _SdpaEfficient()], [
     Rule("triton", "TRITON_INTERPRET=1: the GPU kernels on CPU tensors", device="cpu", interpret=True,
          dtypes=(_F16, _F32)),
+    Rule("torch_flash", "CPU, spatial axis, L >= 256, Dk == Dv: PyTorch's CPU flash kernel (measured: "
+         "0.68-0.93x the matmul path's time at 16x16)", device="cpu",
+         when=(("axis", ("spatial",)), ("L", between(CPU_SPATIAL_FLASH_LEN)))),
     Rule("torch_math", "CPU, L <= 512: batched matmul/softmax/matmul keeping P (measured)", device="cpu",
          when=(("L", between(hi=CPU_MATH_MAX_LEN)), ("scores", between(hi=CPU_MATH_MAX_SCORES)))),
     Rule("torch_flash", "CPU, long, Dk == Dv: PyTorch's CPU flash kernel (measured)", device="cpu"),
