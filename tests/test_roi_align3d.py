@@ -564,3 +564,29 @@ def test_cuda_64bit_indexing():
                                     7, 1.0, 2, True)
     torch.testing.assert_close(out[0].transpose(0, 1).float(), ref, atol=2e-3, rtol=2e-3)
     assert math.isfinite(out.float().sum().item())
+
+
+def test_benchmark_floors_count_pixels_and_cache_lines():
+    """benchmarks/roi_align3d.py's memory floors: unique pixels under the boxes (+1 bilinear neighbour)
+    and the same in whole 64-byte lines (a 16-pixel fp32 row is one line), both plus the output."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("_roi_bench", bench / "roi_align3d.py")
+        B = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(B)
+    finally:
+        sys.path.remove(str(bench))
+    # image box (8, 8)-(24, 24) at scale 1/16 covers map pixels [0, 1] (+1 neighbour): a 3 x 3 patch
+    boxes = torch.tensor([[0.0, 8.0, 8.0, 24.0, 24.0]])
+    shape = (1, 2, 3, 16, 16)  # N, C, T, H, W
+    out = 1 * 2 * 3 * B.OUT * B.OUT * 4
+    assert B.floor_bytes(boxes, shape, 4) == 9 * 2 * 3 * 4 + out
+    assert B.line_floor_bytes(boxes, shape, 4) == 3 * 64 * 2 * 3 + out  # 3 rows, one line each
+    # a box spanning both halves of a 32-pixel row touches two lines per row
+    wide = torch.tensor([[0.0, 8.0, 8.0, 400.0, 24.0]])
+    assert B.line_floor_bytes(wide, (1, 1, 1, 16, 32), 4) == 3 * 2 * 64 + B.OUT * B.OUT * 4
