@@ -14,9 +14,7 @@ alike. The forward is also reported against the memory floor: the unique input b
 once plus the output written once, at the device's peak bandwidth on GPU, and on CPU at the bandwidth of
 a copy of the feature map measured in the same rounds (``mem_copy``: reads and writes every byte once);
 on CPU also against the same floor counted in whole 64-byte cache lines (``line_floor_ms``), which is
-what a CPU moves (a 16-pixel fp32 row is one line, so a 3-pixel far-away box costs the whole line), and
-against the floor with the output written into fresh memory (``fresh_out``: allocating an output-sized
-tensor and writing it once, timed in the same rounds), which any op returning a new tensor pays.
+what a CPU moves (a 16-pixel fp32 row is one line, so a 3-pixel far-away box costs the whole line).
 """
 from __future__ import annotations
 
@@ -94,21 +92,6 @@ def line_floor_bytes(boxes, shape, elem, line=64):
     return (lines * line) * c * t + boxes.shape[0] * c * t * OUT * OUT * elem
 
 
-def _fresh_write(shape, dtype):
-    """Allocate a tensor of ``shape`` and write it once, as an op returning a new output must: the
-    first touch of freshly mapped pages included. On Linux the pages are advised huge, as the CPU kernel
-    does for its outputs (``advise_huge_pages`` in csrc/cpu/roi_align3d_kernel.cpp)."""
-    t = torch.empty(shape, dtype=dtype)
-    if sys.platform.startswith("linux") and t.numel() * t.element_size() >= 4 << 20:
-        import ctypes
-        huge = 2 << 20
-        p, n = t.data_ptr(), t.numel() * t.element_size()
-        lo, hi = (p + huge - 1) & ~(huge - 1), (p + n) & ~(huge - 1)
-        if hi > lo:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE
-    return t.fill_(1.0)
-
-
 def run(args):
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -149,8 +132,6 @@ def run(args):
                         fns[name] = lambda f=f: torch.autograd.grad(f(xr, boxes), xr, g)
                 if mode == "fwd" and device.type == "cpu":
                     fns["mem_copy"] = lambda: copy_dst.copy_(x)
-                    out_shape = (s["K"], s["C"], s["T"], OUT, OUT)
-                    fns["fresh_out"] = lambda: _fresh_write(out_shape, dtype)
                 results = interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
                 best_base = min(("tv_fold", "tv_loop"), key=lambda k: results[k]["median_ms"])
                 ours = results["roi_align3d"]["median_ms"]
@@ -170,11 +151,6 @@ def run(args):
                         lb = line_floor_bytes(boxes, x.shape, x.element_size())
                         row["line_floor_ms"] = lb / (gbps * 1e9) * 1e3
                         row["x_line_floor"] = ours / row["line_floor_ms"]
-                    if gbps and device.type == "cpu":
-                        # the output's share of the floor replaced by writing a fresh output-sized tensor once
-                        out_ms = s["K"] * s["C"] * s["T"] * OUT * OUT * x.element_size() / (gbps * 1e9) * 1e3
-                        row["floor_fresh_ms"] = fb / (gbps * 1e9) * 1e3 - out_ms + results["fresh_out"]["median_ms"]
-                        row["x_floor_fresh"] = ours / row["floor_fresh_ms"]
                     if gbps:
                         row["floor_ms"] = fb / (gbps * 1e9) * 1e3
                         row["floor_ratio"] = row["floor_ms"] / ours
@@ -183,12 +159,11 @@ def run(args):
                 rows.append(row)
                 extra = f"  {row['x_floor']:.2f}x floor" if "x_floor" in row else ""
                 extra += f", {row['x_line_floor']:.2f}x line floor" if "x_line_floor" in row else ""
-                extra += f", {row['x_floor_fresh']:.2f}x fresh-output floor" if "x_floor_fresh" in row else ""
                 print(f"  {sname:8s} {bname:6s} {mode:8s} ours {ours:9.3f} ms  {best_base} "
                       f"{results[best_base]['median_ms']:9.3f} ms  speed-up x{row['speedup']:.2f}{extra}", flush=True)
     cols = [("shape", "shape"), ("boxes", "boxes"), ("mode", "mode"), ("roi_align3d", "ours ms"),
             ("tv_fold", "tv_fold ms"), ("tv_loop", "tv_loop ms"), ("speedup", "x best"), ("floor_ms", "floor ms"),
-            ("x_floor", "ours/floor"), ("x_line_floor", "ours/line floor"), ("x_floor_fresh", "ours/fresh floor")]
+            ("x_floor", "ours/floor"), ("x_line_floor", "ours/line floor")]
     print()
     print_table(rows, cols)
     path = write_results("roi_align3d", device, {
