@@ -590,3 +590,22 @@ def test_benchmark_floors_count_pixels_and_cache_lines():
     # a box spanning both halves of a 32-pixel row touches two lines per row
     wide = torch.tensor([[0.0, 8.0, 8.0, 400.0, 24.0]])
     assert B.line_floor_bytes(wide, (1, 1, 1, 16, 32), 4) == 3 * 2 * 64 + B.OUT * B.OUT * 4
+
+
+@needs_tv
+@pytest.mark.parametrize("t,k,dtype", [(8, 90, torch.float32), (8, 90, torch.float64), (700, 3, torch.float32)])
+def test_many_boxes_or_frames_per_clip_match_torchvision(t, k, dtype):
+    # the planar forward buffers a clip's results for all frames in groups of boxes (1 MiB of fp32 per
+    # thread): more boxes than one group (t=8: 41 per group) or frames than fit one box (t=700: groups of 1)
+    gen = torch.Generator().manual_seed(40 + t + k)
+    n, c, h, w = 2, 17, 8, 8
+    x = torch.randn(n, c, t, h, w, dtype=torch.float64, generator=gen)
+    boxes = make_boxes(k, n, h, w, 1 / 16, gen)
+    boxes[: k // 2, 0] = 0  # most boxes in one clip
+    ref = roi_align3d_ref_loop(x, boxes, 7, 1 / 16, -1, True)
+    out = roi_align3d(x.to(dtype), boxes.to(dtype), 7, 1 / 16, -1, True)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    else:
+        base = roi_align3d_ref_loop(x.float(), boxes.float(), 7, 1 / 16, -1, True)
+        assert_within_rule(out, ref, base, 1e-6)

@@ -89,6 +89,8 @@ using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
 constexpr int CB = 16;  // channels per vector block
+// Most buffered forward results per thread (1 MiB of fp32): a few dozen boxes of one clip at T = 8.
+constexpr int64_t kObufElems = int64_t(1) << 18;
 
 bool cpu_has_avx2() {
 #ifdef STSSA_HAVE_AVX2_KERNELS
@@ -257,63 +259,70 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
       const auto& boxes = by_batch[n];
       if (boxes.empty()) continue;
-      const int64_t nb = static_cast<int64_t>(boxes.size());
-      obuf.resize(static_cast<size_t>(nb * T * bins * CB));
+      // boxes in groups whose buffered results stay within kObufElems (many boxes or frames per clip: the
+      // group's frames are re-tiled per group instead of the buffer growing without bound)
+      const int64_t per_box = T * bins * CB;
+      const int64_t group = std::max<int64_t>(1, kObufElems / per_box);
       if (cb < CB) std::fill(tile.begin(), tile.end(), acc_t(0));  // lanes >= cb stay finite zeros
-      for (int64_t t = 0; t < T; ++t) {
-        int64_t ylo = H, yhi = 0;  // the rows this frame's boxes read
-        for (const int64_t k : boxes) {
-          const BoxTables<acc_t>& bt = tb.at(k, t);
-          if (bt.empty) continue;
-          ylo = std::min(ylo, bt.y.lo);
-          yhi = std::max(yhi, bt.y.lo + bt.y.span);
-        }
-        const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
-        bool tiled = yhi <= ylo;
-        if constexpr (f32) {
-          if (!tiled && rows_dense) {
-            transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
-            tiled = true;
+      for (int64_t g0 = 0; g0 < static_cast<int64_t>(boxes.size()); g0 += group) {
+        const int64_t nb = std::min<int64_t>(group, static_cast<int64_t>(boxes.size()) - g0);
+        const int64_t* gboxes = boxes.data() + g0;
+        obuf.resize(static_cast<size_t>(nb * per_box));
+        for (int64_t t = 0; t < T; ++t) {
+          int64_t ylo = H, yhi = 0;  // the rows this frame's boxes read
+          for (int64_t bi = 0; bi < nb; ++bi) {
+            const BoxTables<acc_t>& bt = tb.at(gboxes[bi], t);
+            if (bt.empty) continue;
+            ylo = std::min(ylo, bt.y.lo);
+            yhi = std::max(yhi, bt.y.lo + bt.y.span);
           }
-        }
-        if (!tiled) {
-          for (int c = 0; c < cb; ++c)
-            for (int64_t y = ylo; y < yhi; ++y) {
-              const scalar_t* row = plane + c * si.s1 + y * si.s3;
-              acc_t* d = tile.data() + y * W * CB + c;
-              for (int64_t x = 0; x < W; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
+          const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
+          bool tiled = yhi <= ylo;
+          if constexpr (f32) {
+            if (!tiled && rows_dense) {
+              transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
+              tiled = true;
             }
+          }
+          if (!tiled) {
+            for (int c = 0; c < cb; ++c)
+              for (int64_t y = ylo; y < yhi; ++y) {
+                const scalar_t* row = plane + c * si.s1 + y * si.s3;
+                acc_t* d = tile.data() + y * W * CB + c;
+                for (int64_t x = 0; x < W; ++x) d[x * CB] = static_cast<acc_t>(row[x * si.s4]);
+              }
+          }
+          for (int64_t bi = 0; bi < nb; ++bi) {
+            const BoxTables<acc_t>& bt = tb.at(gboxes[bi], t);
+            acc_t* ob = obuf.data() + (bi * T + t) * bins * CB;
+            if (bt.empty) {
+              std::fill(ob, ob + bins * CB, acc_t(0));
+            } else {
+              run_forward_box<acc_t, acc_t>(tile.data() + (bt.y.lo * W + bt.x.lo) * CB, W * CB, CB, bt, ph_n, pw_n,
+                                            tmp.data(), ob);
+            }
+          }
         }
         for (int64_t bi = 0; bi < nb; ++bi) {
-          const BoxTables<acc_t>& bt = tb.at(boxes[bi], t);
-          acc_t* ob = obuf.data() + (bi * T + t) * bins * CB;
-          if (bt.empty) {
-            std::fill(ob, ob + bins * CB, acc_t(0));
-          } else {
-            run_forward_box<acc_t, acc_t>(tile.data() + (bt.y.lo * W + bt.x.lo) * CB, W * CB, CB, bt, ph_n, pw_n,
-                                          tmp.data(), ob);
+          const acc_t* ob = obuf.data() + bi * per_box;
+          scalar_t* o = out + gboxes[bi] * so.s0 + c0 * so.s1;
+          if constexpr (f32) {
+            if (out_runs) {
+              transpose_f32(ob, CB, o, so.s1, T * bins, cb);
+              continue;
+            }
+            if (out_dense) {
+              for (int64_t t = 0; t < T; ++t) transpose_f32(ob + t * bins * CB, CB, o + t * so.s2, so.s1, bins, cb);
+              continue;
+            }
           }
+          for (int64_t t = 0; t < T; ++t)
+            for (int c = 0; c < cb; ++c)
+              for (int ph = 0; ph < ph_n; ++ph)
+                for (int pw = 0; pw < pw_n; ++pw)
+                  o[t * so.s2 + c * so.s1 + ph * so.s3 + pw * so.s4] =
+                      static_cast<scalar_t>(ob[(t * bins + ph * pw_n + pw) * CB + c]);
         }
-      }
-      for (int64_t bi = 0; bi < nb; ++bi) {
-        const acc_t* ob = obuf.data() + bi * T * bins * CB;
-        scalar_t* o = out + boxes[bi] * so.s0 + c0 * so.s1;
-        if constexpr (f32) {
-          if (out_runs) {
-            transpose_f32(ob, CB, o, so.s1, T * bins, cb);
-            continue;
-          }
-          if (out_dense) {
-            for (int64_t t = 0; t < T; ++t) transpose_f32(ob + t * bins * CB, CB, o + t * so.s2, so.s1, bins, cb);
-            continue;
-          }
-        }
-        for (int64_t t = 0; t < T; ++t)
-          for (int c = 0; c < cb; ++c)
-            for (int ph = 0; ph < ph_n; ++ph)
-              for (int pw = 0; pw < pw_n; ++pw)
-                o[t * so.s2 + c * so.s1 + ph * so.s3 + pw * so.s4] =
-                    static_cast<scalar_t>(ob[(t * bins + ph * pw_n + pw) * CB + c]);
       }
     }
   });
