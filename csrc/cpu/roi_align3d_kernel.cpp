@@ -39,6 +39,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "roi_align3d_common.h"
@@ -186,6 +187,20 @@ struct BoxTablesAll {
   const BoxTables<acc_t>& at(int64_t k, int64_t t) const { return v[per_frame ? k * T + t : k]; }
 };
 
+// The pixel rows [lo, hi) that boxes[0 .. count) read at frame t (lo == hi when none reads any).
+template <typename acc_t>
+std::pair<int64_t, int64_t> rows_read(const BoxTablesAll<acc_t>& tb, const int64_t* boxes, int64_t count,
+                                      int64_t t, int64_t H) {
+  int64_t lo = H, hi = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const BoxTables<acc_t>& bt = tb.at(boxes[i], t);
+    if (bt.empty) continue;
+    lo = std::min(lo, bt.y.lo);
+    hi = std::max(hi, bt.y.lo + bt.y.span);
+  }
+  return {lo, std::max(lo, hi)};
+}
+
 template <typename acc_t>
 bool valid_batch(acc_t b, int64_t N) {
   return b >= acc_t(0) && b < static_cast<acc_t>(N);
@@ -233,7 +248,8 @@ void transpose_f32(const float* src, int64_t ss, float* dst, int64_t ds, int64_t
 // Tasks (channel block, clip), channel-block-major so that each thread gets every clip (box sizes differ
 // between clips); per frame, the rows of the frame's CB planes that the clip's boxes touch are
 // transposed once into a channel-fastest tile [y][x][CB] (8x8 register transposes for fp32 rows), every
-// box of the clip is computed from that tile, and its [bins][CB] result is transposed into the output.
+// box of the clip is computed from that tile, and each box's results for all frames are transposed into
+// the output at the end (boxes in groups that bound the buffer).
 // The input is read once, in its own layout; no (box, frame) pair copies pixels of its own.
 template <typename scalar_t>
 void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<scalar_t>::type>& tb,
@@ -269,13 +285,7 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
         const int64_t* gboxes = boxes.data() + g0;
         obuf.resize(static_cast<size_t>(nb * per_box));
         for (int64_t t = 0; t < T; ++t) {
-          int64_t ylo = H, yhi = 0;  // the rows this frame's boxes read
-          for (int64_t bi = 0; bi < nb; ++bi) {
-            const BoxTables<acc_t>& bt = tb.at(gboxes[bi], t);
-            if (bt.empty) continue;
-            ylo = std::min(ylo, bt.y.lo);
-            yhi = std::max(yhi, bt.y.lo + bt.y.span);
-          }
+          const auto [ylo, yhi] = rows_read(tb, gboxes, nb, t, H);
           const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
           bool tiled = yhi <= ylo;
           if constexpr (f32) {
@@ -344,7 +354,6 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
   const int64_t cblocks = (C + CB - 1) / CB;
   const BoxTablesAll<acc_t> tb{
       all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W), per_frame, T};
-  const auto& tables = tb.v;
   const auto by_batch = boxes_by_batch(rdata, K, n_boxes, N);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
@@ -390,7 +399,7 @@ void forward_impl(const Tensor& input, const Tensor& rois_acc, double spatial_sc
       const bool valid = valid_batch(bval, N);
       const int64_t n = valid ? static_cast<int64_t>(bval) : 0;
       for (int64_t t = 0; t < T; ++t) {
-        const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+        const BoxTables<acc_t>& bt = tb.at(k, t);
         if (!valid || bt.empty) {
           std::fill(obuf.begin(), obuf.end(), valid ? acc_t(0) : nan);
         } else {
@@ -508,7 +517,8 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
   const scalar_t* gd = grad.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
   const auto by_batch = boxes_by_batch(rdata, K, n_boxes, N);
-  const auto tables = all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W);
+  const BoxTablesAll<acc_t> tb{
+      all_tables<acc_t>(rdata, K, n_boxes, spatial_scale, ph_n, pw_n, sampling_ratio, aligned, H, W), per_frame, T};
   const int64_t cblocks = (C + CB - 1) / CB;
   const int64_t bins = static_cast<int64_t>(ph_n) * pw_n;
 
@@ -527,20 +537,12 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
       // The rows of the plane this frame's boxes touch: only these are accumulated and transposed; on the
       // dense fp32 path the others are written as zeros directly (small and far-away boxes leave most rows
       // untouched).
-      int64_t ylo = 0, yhi = H;
-      if (gi_dense) {
-        ylo = H, yhi = 0;
-        for (const int64_t k : by_batch[n]) {
-          const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
-          if (bt.empty) continue;
-          ylo = std::min(ylo, bt.y.lo);
-          yhi = std::max(yhi, bt.y.lo + bt.y.span);
-        }
-        if (yhi < ylo) yhi = ylo;
-      }
+      const auto& boxes = by_batch[n];
+      const auto [ylo, yhi] = gi_dense ? rows_read(tb, boxes.data(), static_cast<int64_t>(boxes.size()), t, H)
+                                       : std::pair<int64_t, int64_t>(0, H);
       std::fill(G.begin() + ylo * W * CB, G.begin() + yhi * W * CB, acc_t(0));
-      for (const int64_t k : by_batch[n]) {
-        const BoxTables<acc_t>& bt = tables[k * n_boxes + (per_frame ? t : 0)];
+      for (const int64_t k : boxes) {
+        const BoxTables<acc_t>& bt = tb.at(k, t);
         if (bt.empty) continue;
         const scalar_t* go = gd + k * sg.s0 + c0 * sg.s1 + t * sg.s2;
         if constexpr (f32) {
