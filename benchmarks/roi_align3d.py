@@ -112,13 +112,14 @@ def run(args):
     for sname in args.shapes.split(","):
         s = SHAPES[sname]
         # seeds per shape and per box set, so that a run of a subset (--shapes, --boxes) times the same inputs
-        gen = torch.Generator().manual_seed(list(SHAPES).index(sname))
+        shape_seed = list(SHAPES).index(sname)
+        gen = torch.Generator().manual_seed(shape_seed)
         x = torch.randn(s["N"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
         g = torch.randn(s["K"], s["C"], s["T"], OUT, OUT, generator=gen).to(device, dtype)
         xr = x.detach().requires_grad_()
         copy_dst = torch.empty_like(x)
         for bname in args.boxes.split(","):
-            bgen = torch.Generator().manual_seed(100 + 10 * list(SHAPES).index(sname) + list(BOXES).index(bname))
+            bgen = torch.Generator().manual_seed(100 + 10 * shape_seed + list(BOXES).index(bname))
             boxes = BOXES[bname](s["N"], s["K"], s["H"] / SCALE, bgen, device, torch.float32)
             for mode in modes:
                 fns = {}
