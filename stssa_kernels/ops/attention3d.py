@@ -182,6 +182,12 @@ def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1, verbose:
 # backward (fp32: 64 MiB; larger problems recompute P in the backward).
 _MATH_BLOCK_ELEMS = 1 << 26
 _MATH_KEEP_P_ELEMS = 1 << 24
+#: _mm's per-index bmm loop: at most this many calls, and only where the operands of one call hold at
+#: least this many elements (measured: a transposing copy costs ~2.6 ns per fp32 element on the 2-core
+#: AMD EPYC machine, a bmm call ~4 us; B=2, T=8, 8x8, D=64 spatial q k^T: 177 us by the loop vs 427 us
+#: copy + bmm, 1 thread)
+_MM_LOOP_MAX = 64
+_MM_LOOP_MIN_ELEMS = 2048
 
 
 def _heads_view(x: Tensor, heads: int) -> Tensor:
@@ -225,9 +231,38 @@ def _math_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _merges(t: Tensor) -> bool:
+    """Whether the two leading dims of a 4-D operand merge into one batch dim without a copy."""
+    return t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.stride(1) * t.shape[1]
+
+
+def _match_batch(*ts):
+    """With one head, clip views ``[B, T, L, d]`` (:func:`_clip_view`) may meet flat ``[B*T, L, d]``
+    tensors (other layouts, or P): split the flat ones to match (always a view). None entries pass."""
+    lead = next((t.shape[:2] for t in ts if t is not None and t.dim() == 4), None)
+    if lead is None:
+        return ts
+    return tuple(t.view(*lead, *t.shape[1:]) if t is not None and t.dim() == 3 else t for t in ts)
+
+
 def _mm(a: Tensor, b: Tensor) -> Tensor:
-    # one head: 3-D bmm (a fraction of torch.matmul's per-call cost on small problems); heads: 4-D matmul
-    return torch.bmm(a, b) if a.dim() == 3 else torch.matmul(a, b)
+    """``a @ b`` over the batch dims: 3-D ``[N, m, k] @ [N, k, n]`` by one bmm (a fraction of torch.matmul's
+    per-call cost on small problems); 4-D ``[N0, N1, m, k]`` (sequences x heads, or clips x frames from
+    :func:`_clip_view`; a 3-D operand meeting a 4-D one is split to match) by torch.matmul,
+    or, where the two batch dims do not merge (torch.matmul would copy the operand first), one bmm per
+    leading index on the operands in place -> a contiguous ``[N0, N1, m, n]``."""
+    if a.dim() == 3 and b.dim() == 3:
+        return torch.bmm(a, b)
+    a, b = _match_batch(a, b)
+    n0 = a.shape[0]
+    # per-index bmm calls only where they replace a copy of enough data to pay for the extra calls
+    if isinstance(n0, int) and not (_merges(a) and _merges(b)) and n0 <= _MM_LOOP_MAX \
+            and a[0].numel() + b[0].numel() >= _MM_LOOP_MIN_ELEMS:
+        out = a.new_empty((*a.shape[:-1], b.shape[-1]))
+        for i in range(n0):
+            torch.bmm(a[i], b[i], out=out[i])
+        return out
+    return torch.matmul(a, b)
 
 
 def _math_logits(qs, ks, sl, scale):
@@ -256,6 +291,7 @@ def _math_forward(qs, ks, vs, scale):
     softmax, in blocks of queries (one block unless the scores would pass _MATH_BLOCK_ELEMS). Returns
     (out, P or None): P is kept when small (``_math_keeps_p``), else the backward recomputes it with the
     same kernels, bit for bit."""
+    qs, ks, vs = _match_batch(qs, ks, vs)
     L = qs.shape[-2]
     rows = math.prod(qs.shape[:-1])
     ct = _math_dtype(qs.dtype)
@@ -279,7 +315,10 @@ def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
     (dq, dk, dv, dgamma or None). dS = P * (dP - rowsum(P * dP)) by autograd's own softmax backward on
     the forward's P (kept or recomputed bit for bit), so saturated rows (one-hot P at large logits)
     cancel exactly. gamma stays out of the L^2-sized work: dP and dS are formed for dY and gamma scales
-    dq, dk, dv; and dgamma = sum(dY * A) = sum(V * P^T dY) reuses dV's GEMM, so no output is saved."""
+    dq, dk, dv; and dgamma = sum(dY * A) = sum(V * P^T dY) = sum(P * dY V^T) reuses dV's or dP's GEMM,
+    whichever is smaller (dP where L <= Dv: an AVA RoI's 7x7 frame has L = 49 against Dv = 256), so no
+    output is saved."""
+    dys, qs, ks, vs, p_saved = _match_batch(dys, qs, ks, vs, p_saved)
     L = qs.shape[-2]
     rows = math.prod(qs.shape[:-1])
     ct = _math_dtype(qs.dtype)
@@ -289,23 +328,28 @@ def _math_backward(dys, qs, ks, vs, scale, gamma, p_saved=None):
     step = _math_step(rows, L)
     blocks = [None] if step is None else [slice(i, i + step) for i in range(0, L, step)]
     dq = torch.empty_like(qs) if step is not None else None
-    dk = dv = None
+    dk = dv = dgamma = None
+    gamma_by_p = gamma is not None and L <= vs.shape[-1]
     for sl in blocks:
         p = p_saved if p_saved is not None else torch.softmax(_math_logits(qs, ks, sl, scale), dim=-1)
         dy, qb = (dys, qs) if sl is None else (dys[..., sl, :], qs[..., sl, :])
         dv_b = _mm(p.transpose(-2, -1), dy)
         dv = dv_b if dv is None else dv.add_(dv_b)
-        ds = torch._softmax_backward_data(_mm(dy, vs.transpose(-2, -1)), p, -1, p.dtype)
+        dp = _mm(dy, vs.transpose(-2, -1))
+        if gamma_by_p:
+            part = (p * dp).sum(dtype=torch.float64)
+            dgamma = part if dgamma is None else dgamma.add_(part)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
         if sl is None:
             dq = _mm(ds, ks)
         else:
             dq[..., sl, :] = _mm(ds, ks)
         dk_b = _mm(ds.transpose(-2, -1), qb)
         dk = dk_b if dk is None else dk.add_(dk_b)
-    dgamma = None
     if gamma is not None:
         g = gamma if gamma.dtype == ct else gamma.to(ct)
-        dgamma = (vs * dv).sum(dtype=torch.float64)
+        if not gamma_by_p:
+            dgamma = (vs * dv).sum(dtype=torch.float64)
         dv.mul_(g)
         alpha = g * scale
     else:
@@ -409,13 +453,43 @@ def _seq_as_map(y: Tensor, axis: str, shape, heads: int) -> Tensor:
     return y.as_strided(size, stride, y.storage_offset())
 
 
+def _clip_view(x: Tensor, axis: str):
+    """The math path's fallback view for the spatial axis with one head: ``[B, T, H*W, D]`` (clips,
+    frames, tokens, channels) of ``x [B, D, T, H, W]`` where clips and frames do not merge into one
+    sequence dim (an NCTHW map: the flat view needs a copy) but every frame's ``[H*W, D]`` matrix is a
+    GEMM operand in place (H and W merge, W or D has unit stride): :func:`_mm` then runs one bmm per clip
+    on it instead of copying the map. None where that does not hold. A pure function of the strides,
+    like :func:`_seq_view`, so the forward and the backward agree."""
+    if axis != "spatial" or x.numel() == 0:
+        return None
+    B, D, T, H, W = x.shape
+    sB, sD, sT, sH, sW = x.stride()
+    if H > 1 and W > 1 and sH != W * sW:
+        return None
+    sL = sW if W > 1 else sH
+    if H * W > 1 and D > 1 and sL != 1 and sD != 1:
+        return None
+    return x.as_strided((B, T, H * W, D), (sB, sT, sL, sD), x.storage_offset())
+
+
+def _math_view(x: Tensor, axis: str, heads: int, flat: bool):
+    """The math path's in-place view of ``x``: the sequence view, else (one head) :func:`_clip_view`."""
+    y = _seq_view(x, axis, heads, False, flat)
+    return y if y is not None or not flat else _clip_view(x, axis)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A math result ``[B, T, L, d]`` (clip views in) -> the flat ``[B*T, L, d]`` layout; 3-D unchanged."""
+    return t.flatten(0, 1) if t.dim() == 4 else t
+
+
 def _seq_inputs(xs, axis, heads, unit_last, flat, saved=None):
-    """Sequence-layout q, k, v: views where possible, else copies (made now, or taken from ``saved``
-    in the backward). Returns (tensors, the copies made)."""
+    """Sequence-layout q, k, v: views where possible (for the math path, one head, also clip views),
+    else copies (made now, or taken from ``saved`` in the backward). Returns (tensors, the copies made)."""
     out, copies = [], []
     it = iter(saved or ())
     for x in xs:
-        y = _seq_view(x, axis, heads, unit_last, flat)
+        y = _seq_view(x, axis, heads, unit_last, flat) if unit_last else _math_view(x, axis, heads, flat)
         if y is None:
             y = next(it, None) if saved is not None else None
             if y is None:
@@ -433,6 +507,7 @@ def _torch_forward(q, k, v, axis, heads, scale, residual, gamma, flash):
         attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, False, scale=scale)
     else:
         (attn, p), lse = _math_forward(qs, ks, vs, scale), q.new_empty(0, dtype=torch.float32)
+        attn = _flat(attn) if heads == 1 else attn
     out = _epilogue_into(torch.empty_like(v), attn, axis, heads, residual, gamma)
     return out, lse, copies + ([attn] if flash else [p] if p is not None else [])
 
@@ -442,7 +517,8 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
     flat = heads == 1 and not flash
     last = flash or _math_keeps_p(nseq * heads * L, L)  # saved = copies + [attention output | P]
     (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, flat, saved[:-1] if last else saved)
-    dos = _to_seq(grad_out, axis, heads, False, flat)
+    dos = _math_view(grad_out, axis, heads, flat) if not flash else None
+    dos = dos if dos is not None else _to_seq(grad_out, axis, heads, False, flat)
     if flash:
         os_ = saved[-1]
         dgamma = None
@@ -454,6 +530,8 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
             _unit_last(dos), qs, ks, vs, _unit_last(os_), lse, 0.0, False, scale=scale)
     else:
         dqs, dks, dvs, dgamma = _math_backward(dos, qs, ks, vs, scale, gamma, saved[-1] if last else None)
+        if heads == 1:
+            dqs, dks, dvs = _flat(dqs), _flat(dks), _flat(dvs)
     return (*(_grad_map(g, x, axis, heads) for x, g in ((q, dqs), (k, dks), (v, dvs))), dgamma)
 
 
