@@ -416,11 +416,13 @@ def test_dispatch_table():
     assert _pick("cpu", 0, f32, "full", 392, 64, 64, scores=4 * 392 ** 2).backend == "torch_math"
     assert _pick("cpu", 0, f32, "full", 2048, 64, 64, scores=2 * 2048 ** 2).backend == "torch_flash"
     assert _pick("cpu", 0, f32, "temporal", 8, 64, 64, scores=1568 * 64).backend == "torch_math"
-    # spatial 16x16 frames with Dk == Dv: the CPU flash kernel; 8x8 frames or Dk != Dv: the matmul path
+    # spatial 16x16 frames with Dk == Dv <= 64: the CPU flash kernel; 8x8 frames, Dk != Dv or wider heads:
+    # the matmul path
     assert _pick("cpu", 0, f32, "spatial", 256, 64, 64, scores=16 * 256 ** 2).backend == "torch_flash"
     assert _pick("cpu", 0, f32, "spatial", 255, 64, 64, scores=16 * 255 ** 2).backend == "torch_math"  # the edge
     assert _pick("cpu", 0, f32, "spatial", 64, 64, 64, scores=16 * 64 ** 2).backend == "torch_math"
     assert _pick("cpu", 0, f32, "spatial", 256, 32, 128, scores=8 * 256 ** 2).backend == "torch_math"
+    assert _pick("cpu", 0, f32, "spatial", 256, 65, 65, scores=16 * 256 ** 2).backend == "torch_math"  # Dk > 64
     assert _pick("cuda", 90, f64, "full", 4096, 64, 64).backend == "torch_math"
     # sm_75: long fp16 spatial/full sequences at the tested head dim go to the CUTLASS kernel
     assert _pick("cuda", 75, f16, "spatial", 256, 64, 64).backend == "sdpa_efficient"

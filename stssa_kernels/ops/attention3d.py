@@ -121,21 +121,25 @@ class _SdpaEfficient(Backend):
 #: fp32. Measured with benchmarks/attn3d.py on this project's 2-core CPU (results/attn3d_cpu-*.json):
 #: the matmul composition beats PyTorch's CPU flash kernel up to L = 512 on the full axis (whose sequence
 #: view of an NCTHW map needs no copy, while the flash kernel needs a unit-stride head dim) and loses to
-#: it at L = 2048. On the spatial axis both need the same copies, and from CPU_SPATIAL_FLASH_LEN tokens
-#: (16x16 frames) the flash kernel is faster (idle machine, Dk = Dv = 32/64/128: 0.68-0.93x the math
-#: path's time, forward and forward+backward; at 8x8 it is 1.10-1.13x).
+#: it at L = 2048. On the spatial axis the math path reads an NCTHW map's frames in place (one bmm per
+#: clip) while the flash kernel needs unit-stride copies; from CPU_SPATIAL_FLASH_LEN tokens (16x16 frames)
+#: with head dims up to CPU_SPATIAL_FLASH_DK the two are even (2 threads, forced backends, B=2 T=8 and B=2
+#: T=4 16x16, Dk = Dv = 32/64, forward and forward+backward: flash 0.85-1.1x the math path's time, two
+#: runs); at Dk = 96/128 the math path is faster (0.80-0.99x flash's time), and at 8x8 too.
 CPU_MATH_MAX_LEN = 512
 CPU_MATH_MAX_SCORES = 1 << 24
 CPU_SPATIAL_FLASH_LEN = 256
+CPU_SPATIAL_FLASH_DK = 64
 #: head dims of the sm_75 SDPA rule: the ones the GPU tests run through it (test_gpu_sdpa_efficient_rule)
 SM75_SDPA_HEAD_DIMS = (64,)
 
 DISPATCH = Dispatcher("attention3d", [_Triton(), _TorchFlash(), _TorchMath(), _SdpaEfficient()], [
     Rule("triton", "TRITON_INTERPRET=1: the GPU kernels on CPU tensors", device="cpu", interpret=True,
          dtypes=(_F16, _F32)),
-    Rule("torch_flash", "CPU, spatial axis, L >= 256, Dk == Dv: PyTorch's CPU flash kernel (measured: "
-         "0.68-0.93x the matmul path's time at 16x16)", device="cpu",
-         when=(("axis", ("spatial",)), ("L", between(CPU_SPATIAL_FLASH_LEN)))),
+    Rule("torch_flash", "CPU, spatial axis, L >= 256, Dk == Dv <= 64: PyTorch's CPU flash kernel (measured at "
+         "16x16 against the matmul path reading NCTHW frames in place: even to 0.85x its time at Dk = 32/64; "
+         "at Dk = 96/128 the matmul path is faster, 0.87-0.99x flash's time)", device="cpu",
+         when=(("axis", ("spatial",)), ("L", between(CPU_SPATIAL_FLASH_LEN)), ("dk", between(hi=CPU_SPATIAL_FLASH_DK)))),
     Rule("torch_math", "CPU, L <= 512: batched matmul/softmax/matmul keeping P (measured)", device="cpu",
          when=(("L", between(hi=CPU_MATH_MAX_LEN)), ("scores", between(hi=CPU_MATH_MAX_SCORES)))),
     Rule("torch_flash", "CPU, long, Dk == Dv: PyTorch's CPU flash kernel (measured)", device="cpu"),
