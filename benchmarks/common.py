@@ -116,16 +116,23 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
 
 
 def interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
-    """Median ms of each fn, timing the methods round-robin (one call of each per round) so that a
-    drift in machine load (shared CPU) hits every method alike. Device synchronised around calls."""
+    """Median ms of each fn, timing the methods in rounds (one call of each per round) so that a
+    drift in machine load (shared CPU) hits every method alike, in a fresh (seeded) order each round so
+    that no method always follows the same one: a call that frees large temporaries makes the next
+    call's first touch of fresh memory cost page faults (on this project's VM about half a millisecond
+    per MB touched), and a fixed order would charge them to one method. Device synchronised around calls."""
+    import random
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timed_call(fn, device))
+        rng.shuffle(order)
+        for k in order:
+            times[k].append(timed_call(fns[k], device))
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "repeats": len(v)} for k, v in times.items()}
 
 

@@ -84,56 +84,64 @@ def test_blocked_math_path_bounded_memory(monkeypatch):
     check(q, k, v, "full", heads=2, residual=r, gamma=g)
 
 
-_SPATIAL_H1 = [s for s in _SAMPLES if s.kwargs["axis"] == "spatial" and s.kwargs["heads"] == 1]
+_CLIP_H1 = [s for s in _SAMPLES if s.kwargs["axis"] in ("spatial", "temporal") and s.kwargs["heads"] == 1]
 
 
-@pytest.mark.parametrize("sample", _SPATIAL_H1, ids=repr)
+@pytest.mark.parametrize("sample", _CLIP_H1, ids=repr)
 def test_clip_views_one_bmm_per_clip(sample, monkeypatch):
-    # spatial axis, one head: where clips and frames do not merge (NCTHW maps) the math path reads each
-    # clip's frames in place with one bmm per clip; forced here at test sizes (the size rule would copy)
+    # one head, where the sequences' dims do not merge (spatial: B with T of an NCTHW map; temporal: B
+    # with H*W of a channels-last one) the math path reads each clip in place with one bmm per clip;
+    # forced here at test sizes (the size rule would copy)
     monkeypatch.setattr(A, "_MM_LOOP_MIN_ELEMS", 0)
     q, k, v, r, g = sample.args
+    axis = sample.kwargs["axis"]
     check(q, k, v, residual=r, gamma=g, **sample.kwargs)
     with torch.no_grad():
-        _, _, saved = torch.ops.stssa.attention3d(q, k, v, "spatial", 1, 0.5, r, g)
-    # copies of q, k, v only where no view reads them in place (sliced frames), then P
-    copies = sum(A._math_view(t, "spatial", 1, True) is None for t in (q, k, v))
-    assert copies == (3 if "strided" in sample.name else 0)
-    assert len(saved) == copies + 1 and saved[-1].shape[-2:] == (q.shape[3] * q.shape[4],) * 2
+        _, _, saved = torch.ops.stssa.attention3d(q, k, v, axis, 1, 0.5, r, g)
+    # copies of q, k, v only where no view reads them in place, then P
+    copies = sum(A._math_view(t, axis, 1, True) is None for t in (q, k, v))
+    expected = {("spatial", "contiguous"): 0, ("spatial", "channels_last"): 0, ("spatial", "strided"): 3,
+                ("temporal", "contiguous"): 3, ("temporal", "channels_last"): 0, ("temporal", "strided"): 3}
+    layout = sample.name.split("-")[1]
+    if (axis, layout) in expected:
+        assert copies == expected[axis, layout]
+    L = A.seq_count_and_length(q.shape, axis)[1]
+    assert len(saved) == copies + 1 and saved[-1].shape[-2:] == (L, L)
     for grad_layout in ("contiguous", "channels_last"):  # the grad may arrive in either layout
         go = torch.randn(v.shape)
         go = go.contiguous(memory_format=torch.channels_last_3d) if grad_layout == "channels_last" else go
-        _, grads = run_with_grads(lambda *a: attention3d(*a[:3], "spatial", residual=a[3], gamma=a[4]),
+        _, grads = run_with_grads(lambda *a: attention3d(*a[:3], axis, residual=a[3], gamma=a[4]),
                                   [q, k, v, r, g], go)
-        _, rgrads = run_with_grads(lambda *a: attention3d_ref(*a[:3], "spatial", 1, None, a[3], a[4]),
+        _, rgrads = run_with_grads(lambda *a: attention3d_ref(*a[:3], axis, 1, None, a[3], a[4]),
                                    [q, k, v, r, g], go)
         for a, b in zip(grads, rgrads):
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_clip_views_gradcheck_opcheck_and_blocks(monkeypatch):
+@pytest.mark.parametrize("axis,kind", [("spatial", "contiguous"), ("temporal", "channels_last")])
+def test_clip_views_gradcheck_opcheck_and_blocks(axis, kind, monkeypatch):
     monkeypatch.setattr(A, "_MM_LOOP_MIN_ELEMS", 0)
-    q, k, v, r, g = attention3d_inputs((3, 4, 2, 3, 5), 6, torch.float64, epilogue=True)
-    assert A._clip_view(q, "spatial") is not None and A._seq_view(q, "spatial", 1, False, True) is None
+    q, k, v, r, g = attention3d_inputs((3, 4, 2, 3, 5), 6, torch.float64, kind, epilogue=True)
+    assert A._clip_view(q, axis) is not None and A._seq_view(q, axis, 1, False, True) is None
     args = [t.requires_grad_() for t in (q, k, v, r, g.double())]
-    f = lambda q, k, v, r, g: attention3d(q, k, v, "spatial", residual=r, gamma=g)  # noqa: E731
+    f = lambda q, k, v, r, g: attention3d(q, k, v, axis, residual=r, gamma=g)  # noqa: E731
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
     q, k, v, r, g = (t.detach().float() for t in args)
-    torch.library.opcheck(torch.ops.stssa.attention3d.default, (q, k, v, "spatial", 1, 0.5, r, g))
-    out, lse, saved = torch.ops.stssa.attention3d(q, k, v, "spatial", 1, 0.5, r, g)
+    torch.library.opcheck(torch.ops.stssa.attention3d.default, (q, k, v, axis, 1, 0.5, r, g))
+    out, lse, saved = torch.ops.stssa.attention3d(q, k, v, axis, 1, 0.5, r, g)
     torch.library.opcheck(torch.ops.stssa._attention3d_backward.default,
-                          (torch.randn_like(out), q, k, v, q.new_empty(0), lse, saved, "spatial", 1, 0.5, g))
-    monkeypatch.setattr(A, "_MATH_BLOCK_ELEMS", 64)  # query blocks, P recomputed in the backward
-    check(q, k, v, "spatial", residual=r, gamma=g)
+                          (torch.randn_like(out), q, k, v, q.new_empty(0), lse, saved, axis, 1, 0.5, g))
+    monkeypatch.setattr(A, "_MATH_BLOCK_ELEMS", 16)  # query blocks, P recomputed in the backward
+    check(q, k, v, axis, residual=r, gamma=g)
     # and compiled with dynamic shapes: the fake kernels see symbolic sizes (no per-clip loop there)
     cf = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
     for shape in [(3, 4, 2, 3, 5), (2, 4, 3, 4, 4)]:
-        q, k, v, r, g = attention3d_inputs(shape, 6, epilogue=True)
+        q, k, v, r, g = attention3d_inputs(shape, 6, kind=kind, epilogue=True)
         a = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
         b = [t.detach().clone().requires_grad_() for t in (q, k, v, r, g)]
         cf(*a).sum().backward()
-        attention3d_ref(*b[:3], "spatial", 1, None, b[3], b[4]).sum().backward()
+        attention3d_ref(*b[:3], axis, 1, None, b[3], b[4]).sum().backward()
         for x, y in zip(a, b):
             torch.testing.assert_close(x.grad, y.grad)
 

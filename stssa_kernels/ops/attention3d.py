@@ -458,22 +458,28 @@ def _seq_as_map(y: Tensor, axis: str, shape, heads: int) -> Tensor:
 
 
 def _clip_view(x: Tensor, axis: str):
-    """The math path's fallback view for the spatial axis with one head: ``[B, T, H*W, D]`` (clips,
-    frames, tokens, channels) of ``x [B, D, T, H, W]`` where clips and frames do not merge into one
-    sequence dim (an NCTHW map: the flat view needs a copy) but every frame's ``[H*W, D]`` matrix is a
-    GEMM operand in place (H and W merge, W or D has unit stride): :func:`_mm` then runs one bmm per clip
-    on it instead of copying the map. None where that does not hold. A pure function of the strides,
-    like :func:`_seq_view`, so the forward and the backward agree."""
-    if axis != "spatial" or x.numel() == 0:
+    """The math path's fallback view with one head, where the sequences' dims do not merge into one
+    (B with T on the spatial axis of an NCTHW map; B with H*W on the temporal axis of a channels-last
+    one): ``[B, T, H*W, D]`` (spatial) or ``[B, H*W, T, D]`` (temporal) of ``x [B, D, T, H, W]``, when H
+    and W merge and every sequence's ``[L, D]`` matrix has a unit stride (a GEMM operand in place):
+    :func:`_mm` then runs one bmm per clip on it instead of copying the map. None where that does not
+    hold (and on the full axis, whose one sequence per clip always has a flat view or needs a copy). A
+    pure function of the strides, like :func:`_seq_view`, so the forward and the backward agree."""
+    if axis == "full" or x.numel() == 0:
         return None
     B, D, T, H, W = x.shape
     sB, sD, sT, sH, sW = x.stride()
     if H > 1 and W > 1 and sH != W * sW:
         return None
-    sL = sW if W > 1 else sH
-    if H * W > 1 and D > 1 and sL != 1 and sD != 1:
+    sS = sW if W > 1 else sH  # stride of the merged H*W dim
+    if axis == "spatial":
+        size, stride, sL = (B, T, H * W, D), (sB, sT, sS, sD), sS
+    else:
+        size, stride, sL = (B, H * W, T, D), (sB, sS, sT, sD), sT
+    L = size[2]
+    if L > 1 and D > 1 and sL != 1 and sD != 1:
         return None
-    return x.as_strided((B, T, H * W, D), (sB, sT, sL, sD), x.storage_offset())
+    return x.as_strided(size, stride, x.storage_offset())
 
 
 def _math_view(x: Tensor, axis: str, heads: int, flat: bool):
