@@ -15,6 +15,12 @@ once plus the output written once, at the device's peak bandwidth on GPU, and on
 a copy of the feature map measured in the same rounds (``mem_copy``: reads and writes every byte once);
 on CPU also against the same floor counted in whole 64-byte cache lines (``line_floor_ms``), which is
 what a CPU moves (a 16-pixel fp32 row is one line, so a 3-pixel far-away box costs the whole line).
+
+On CPU, each call's outputs are fresh memory, and with PyTorch's default allocator a large tensor's first
+touch costs a page fault per 4 KiB page (on this project's VM ~95 ms per 236 MB, the output and input
+gradient of one AVA T=8 forward+backward: more than the kernels' own time). ``THP_MEM_ALLOC_ENABLE=1``
+(PyTorch's switch for transparent huge pages on large CPU allocations; set it in the environment, it is
+read once) cuts that to ~27 ms; the setting is saved in the results JSON.
 """
 from __future__ import annotations
 
@@ -173,6 +179,7 @@ def run(args):
         "timing": "interleaved rounds (one call of each method per round), median",
         "dispatch": "CUDA kernel (atomic backward)" if device.type == "cuda"
         else "CPU kernel (stable-ABI parallel_for, channel-block vectorised)",
+        "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")},
         "note": args.note, "rows": rows})
     print(f"\nwrote {path}")
 
