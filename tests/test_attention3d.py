@@ -96,6 +96,8 @@ def test_clip_views_one_bmm_per_clip(sample, monkeypatch):
     q, k, v, r, g = sample.args
     axis = sample.kwargs["axis"]
     check(q, k, v, residual=r, gamma=g, **sample.kwargs)
+    q16, k16, v16, r16, g16 = _cast(sample, torch.float16)  # the math runs in fp32 on converted views
+    check(q16, k16, v16, residual=r16, gamma=g16, **sample.kwargs)
     with torch.no_grad():
         _, _, saved = torch.ops.stssa.attention3d(q, k, v, axis, 1, 0.5, r, g)
     # copies of q, k, v only where no view reads them in place, then P
