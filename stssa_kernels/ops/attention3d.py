@@ -418,11 +418,8 @@ def _seq_view(x: Tensor, axis: str, heads: int, unit_last: bool, flat: bool = Fa
     return None if g is None else x.as_strided(g[0], g[1], x.storage_offset())
 
 
-def _to_seq(x: Tensor, axis: str, heads: int, unit_last: bool, flat: bool) -> Tensor:
-    """The sequence layout of ``x``: the view where there is one, else one copy."""
-    y = _seq_view(x, axis, heads, unit_last, flat)
-    if y is not None:
-        return y
+def _seq_copy(x: Tensor, axis: str, heads: int, unit_last: bool, flat: bool) -> Tensor:
+    """The sequence layout of ``x`` as one copy (for inputs whose view needs one)."""
     y = to_seq(x, axis, heads).contiguous() if unit_last else to_seq(x, axis, heads)
     return y.flatten(0, 1) if flat else y
 
@@ -503,7 +500,7 @@ def _seq_inputs(xs, axis, heads, unit_last, flat, saved=None):
         if y is None:
             y = next(it, None) if saved is not None else None
             if y is None:
-                y = _to_seq(x, axis, heads, unit_last, flat)
+                y = _seq_copy(x, axis, heads, unit_last, flat)
                 copies.append(y)
         out.append(y)
     return out, copies
@@ -527,8 +524,8 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
     flat = heads == 1 and not flash
     last = flash or _math_keeps_p(nseq * heads * L, L)  # saved = copies + [attention output | P]
     (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, flat, saved[:-1] if last else saved)
-    dos = _math_view(grad_out, axis, heads, flat) if not flash else None
-    dos = dos if dos is not None else _to_seq(grad_out, axis, heads, False, flat)
+    dos = _seq_view(grad_out, axis, heads, False, flat) if flash else _math_view(grad_out, axis, heads, flat)
+    dos = dos if dos is not None else _seq_copy(grad_out, axis, heads, False, flat)
     if flash:
         os_ = saved[-1]
         dgamma = None
