@@ -350,8 +350,10 @@ def _fwd_conv(x: Tensor, weights, biases, oc, groups, small: bool = False) -> Te
     return y
 
 
-def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, groups):
-    xc = x.contiguous(memory_format=torch.channels_last_3d)
+def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, groups, small: bool = False):
+    """``dy``: the packed output's gradient [B, T, H, W, sum N] in any strides. ``small``: as in
+    :func:`_fwd_conv`, x in its own layout (no channels-last copy of a tiny input)."""
+    xc = x if small else x.contiguous(memory_format=torch.channels_last_3d)
     cols = [sum(oc[:i]) for i in range(len(oc))]
     dx, dws = None, [None] * len(weights)
     for g in groups:
@@ -391,12 +393,12 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-def _exact(t: Tensor, strides: tuple, memory_format=torch.contiguous_format) -> Tensor:
+def _exact(t: Tensor, strides: tuple) -> Tensor:
     """``t`` with exactly ``strides`` (what the fake kernels promise; ``.contiguous()`` keeps other
     strides on size-1 dims)."""
     if t.stride() == strides:
         return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _cl3d_strides(shape) -> tuple:
@@ -511,11 +513,16 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_ma
     plan = _plan(x, weights, "stssa::_temporal_proj_backward")
     need_dx, need_dw, need_db = output_mask
     backend, oc, ks = plan.backend, plan.oc, plan.ks
-    dy = _exact(grad_y, plan.y_strides)
+    conv = backend in ("conv", "conv_kt")
+    # the conv backends take dy in any dense strides (convolution_backward reads its [B, N, T, H, W]
+    # view: no copy of a gradient arriving in NCTHW); the GEMM and Triton ones need the packed layout, and
+    # a broadcast gradient (zero strides, e.g. from .sum().backward()) is made dense for all
+    dense = all(st != 0 or sz == 1 for st, sz in zip(grad_y.stride(), grad_y.shape))
+    dy = grad_y if conv and dense else _exact(grad_y, plan.y_strides)
     dx, dws = None, None
     if need_dx or need_dw:
-        if backend in ("conv", "conv_kt"):
-            dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, plan.groups)
+        if conv:
+            dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, plan.groups, plan.small)
         else:
             wp = pack_weights(weights)
             if backend == "triton":
@@ -524,11 +531,11 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_ma
             else:
                 dx, dwp = _bwd_gemm(dy, x, wp, oc, ks, need_dx, need_dw)
             dws = _unpack_weight_grads(dwp, weights) if need_dw else None
-    dx = _exact(dx, plan.dx_strides, torch.channels_last_3d) if need_dx else x.new_empty((0,))
+    dx = _exact(dx, plan.dx_strides) if need_dx else x.new_empty((0,))
     dws = dws if need_dw else [x.new_empty((0,)) for _ in weights]
     # column sums accumulated in fp32 (fp64 for fp64) whatever the dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    db = dy.view(-1, dy.shape[-1]).sum(0, dtype=acc).to(x.dtype) if need_db else x.new_empty((0,))
+    db = dy.sum((0, 1, 2, 3), dtype=acc).to(x.dtype) if need_db else x.new_empty((0,))
     return dx, dws, db
 
 
