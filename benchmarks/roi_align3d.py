@@ -176,7 +176,7 @@ def run(args):
     path = write_results("roi_align3d", device, {
         "dtype": args.dtype, "output_size": OUT, "spatial_scale": SCALE, "sampling_ratio": SR, "aligned": ALIGNED,
         "shapes": {k: SHAPES[k] for k in args.shapes.split(",")}, "boxes": args.boxes, "repeats": args.repeats,
-        "timing": "interleaved rounds (one call of each method per round), median",
+        "timing": "interleaved rounds (one call of each method per round, a fresh seeded order each round), median",
         "dispatch": "CUDA kernel (atomic backward)" if device.type == "cuda"
         else "CPU kernel (stable-ABI parallel_for, channel-block vectorised)",
         "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")},

@@ -351,7 +351,7 @@ def _fwd_conv(x: Tensor, weights, biases, oc, groups, small: bool = False) -> Te
 
 
 def _bwd_conv(dy: Tensor, x: Tensor, weights, oc, ks, need_dx: bool, need_dw: bool, groups, small: bool = False):
-    """``dy``: the packed output's gradient [B, T, H, W, sum N] in any strides. ``small``: as in
+    """``dy``: the packed output's gradient [B, T, H, W, sum N] in any dense strides. ``small``: as in
     :func:`_fwd_conv`, x in its own layout (no channels-last copy of a tiny input)."""
     xc = x if small else x.contiguous(memory_format=torch.channels_last_3d)
     cols = [sum(oc[:i]) for i in range(len(oc))]
