@@ -518,6 +518,21 @@ def test_sequence_view_rule_agrees_with_view():
                         assert torch.equal(y, to_seq(x, axis, heads))
 
 
+def test_clip_view_is_the_split_sequence_view():
+    # the clip view [B, T | H*W, L, d] holds the same values as the flat sequence layout split by clip
+    from stssa_kernels.reference.attention3d import to_seq
+    shape = (3, 4, 2, 5, 7)
+    for x in (torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)):
+        for axis in ("spatial", "temporal"):
+            y = A._clip_view(x, axis)
+            if y is None:
+                continue
+            assert torch.equal(y, to_seq(x, axis, 1).reshape(3, -1, *y.shape[2:]))
+    assert A._clip_view(torch.randn(shape), "spatial") is not None  # NCTHW frames: [H*W, D] unit stride
+    assert A._clip_view(torch.randn(shape), "temporal") is None     # NCTHW [T, D]: no unit stride
+    assert A._clip_view(torch.randn(shape), "full") is None
+
+
 _NO_TRITON = r"""
 import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError, as on a CPU-only torch install

@@ -16,9 +16,9 @@
 // Backward (dX = the transpose): tasks (channel block, batch, frame); each owns the grad_input slice
 // [n, c0:c0+CB, t, :, :], accumulates all boxes of its batch in roi order into a thread-private plane
 // tile (only the rows the boxes touch; the others are written as zeros) and writes every element of its
-// slice exactly once (no zero-fill pass, no atomics, deterministic
-// whatever the thread count; slices of different tasks are disjoint whole rows/channel blocks, so there
-// is no false sharing inside a thread range).
+// slice exactly once (no zero-fill pass, no atomics, deterministic whatever the thread count; slices of
+// different tasks are disjoint whole rows/channel blocks, so there is no false sharing inside a thread
+// range).
 // Accumulation is in float (double for double inputs); fp16/bf16 are converted once on load and store.
 // Input strides are honoured (contiguous, channels_last_3d, slices): no copy of the feature map.
 #include <torch/csrc/stable/library.h>

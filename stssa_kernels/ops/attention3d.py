@@ -252,12 +252,12 @@ def _match_batch(*ts):
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` over the batch dims: 3-D ``[N, m, k] @ [N, k, n]`` by one bmm (a fraction of torch.matmul's
     per-call cost on small problems); 4-D ``[N0, N1, m, k]`` (sequences x heads, or clips x frames from
-    :func:`_clip_view`; a 3-D operand meeting a 4-D one is split to match) by torch.matmul,
-    or, where the two batch dims do not merge (torch.matmul would copy the operand first), one bmm per
-    leading index on the operands in place -> a contiguous ``[N0, N1, m, n]``."""
-    if a.dim() == 3 and b.dim() == 3:
+    :func:`_clip_view`; the math functions give all their operands the same batch dims once, with
+    :func:`_match_batch`) by torch.matmul, or, where the two batch dims do not merge (torch.matmul would
+    copy the operand first), one bmm per leading index on the operands in place -> a contiguous
+    ``[N0, N1, m, n]``."""
+    if a.dim() == 3:
         return torch.bmm(a, b)
-    a, b = _match_batch(a, b)
     n0 = a.shape[0]
     # per-index bmm calls only where they replace a copy of enough data to pay for the extra calls
     if isinstance(n0, int) and not (_merges(a) and _merges(b)) and n0 <= _MM_LOOP_MAX \
@@ -371,13 +371,21 @@ _SEQ_GROUPS = {"spatial": ((0, 1), (2,), (3, 4), (5,)), "temporal": ((0, 1, 2), 
                "full": ((0,), (1,), (2, 3, 4), (5,))}
 _SEQ_GROUPS_FLAT = {"spatial": ((0, 1, 2), (3, 4), (5,)), "temporal": ((0, 1, 2, 3), (4,), (5,)),
                     "full": ((0, 1), (2, 3, 4), (5,))}
+# clip views (one head): the sequences split into clips x (frames | positions), for maps whose sequences'
+# dims do not merge into one (the spatial axis of an NCTHW map, the temporal axis of a channels-last one)
+_SEQ_GROUPS_CLIP = {"spatial": ((0,), (1, 2), (3, 4), (5,)), "temporal": ((0,), (1, 2, 3), (4,), (5,))}
 
 
-def _seq_geometry_of(shape: tuple, stride: tuple, axis: str, heads: int, unit_last: bool, flat: bool):
-    """(size, stride) of the [sequences, heads, L, d] view (``flat``, one head: [sequences, L, d]) of a
-    [B, D, T, H, W] tensor with these strides, or None where that view needs a copy (or, ``unit_last``,
-    where d's stride is not 1): the permuted dims of each sequence dim must chain (size-1 dims aside).
-    Ints or SymInts. This is the one sequence-view function of the op (forward, backward, fake kernels)."""
+def _seq_geometry_of(shape: tuple, stride: tuple, axis: str, heads: int, unit_last: bool, flat: bool,
+                     clip: bool = False):
+    """(size, stride) of the [sequences, heads, L, d] view (``flat``, one head: [sequences, L, d]; ``clip``,
+    one head: [B, T, L, d] spatial or [B, H*W, L, d] temporal, whose [L, d] matrices must have a unit
+    stride, i.e. be GEMM operands in place) of a [B, D, T, H, W] tensor with these strides, or None where
+    that view needs a copy (or, ``unit_last``, where d's stride is not 1): the permuted dims of each
+    sequence dim must chain (size-1 dims aside). Ints or SymInts. This is the one sequence-view function
+    of the op (forward, backward, fake kernels)."""
+    if clip and axis not in _SEQ_GROUPS_CLIP:
+        return None
     B, D, T, H, W = shape
     sB, sD, sT, sH, sW = stride
     d = D // heads
@@ -385,13 +393,15 @@ def _seq_geometry_of(shape: tuple, stride: tuple, axis: str, heads: int, unit_la
     perm = _SEQ_PERM[axis]
     size, st = [size6[i] for i in perm], [stride6[i] for i in perm]
     out_size, out_stride = [], []
-    for group in (_SEQ_GROUPS_FLAT if flat else _SEQ_GROUPS)[axis]:
+    for group in (_SEQ_GROUPS_CLIP if clip else _SEQ_GROUPS_FLAT if flat else _SEQ_GROUPS)[axis]:
         dims = [i for i in group if size[i] != 1]
         if any(st[a] != st[b] * size[b] for a, b in zip(dims, dims[1:])):
             return None
         out_size.append(math.prod(size[i] for i in group))
         out_stride.append(st[dims[-1]] if dims else 1)
     if unit_last and st[5] != 1:
+        return None
+    if clip and out_size[2] > 1 and out_size[3] > 1 and out_stride[2] != 1 and out_stride[3] != 1:
         return None
     return tuple(out_size), tuple(out_stride)
 
@@ -455,28 +465,14 @@ def _seq_as_map(y: Tensor, axis: str, shape, heads: int) -> Tensor:
 
 
 def _clip_view(x: Tensor, axis: str):
-    """The math path's fallback view with one head, where the sequences' dims do not merge into one
-    (B with T on the spatial axis of an NCTHW map; B with H*W on the temporal axis of a channels-last
-    one): ``[B, T, H*W, D]`` (spatial) or ``[B, H*W, T, D]`` (temporal) of ``x [B, D, T, H, W]``, when H
-    and W merge and every sequence's ``[L, D]`` matrix has a unit stride (a GEMM operand in place):
-    :func:`_mm` then runs one bmm per clip on it instead of copying the map. None where that does not
-    hold (and on the full axis, whose one sequence per clip always has a flat view or needs a copy). A
-    pure function of the strides, like :func:`_seq_view`, so the forward and the backward agree."""
-    if axis == "full" or x.numel() == 0:
+    """The math path's fallback view with one head, where the sequences' dims do not merge into one:
+    ``[B, T, H*W, D]`` (spatial) or ``[B, H*W, T, D]`` (temporal) of ``x [B, D, T, H, W]`` when every
+    sequence's ``[L, D]`` matrix is a GEMM operand in place (:func:`_seq_geometry_of` with ``clip``);
+    :func:`_mm` then runs one bmm per clip on it instead of copying the map. None otherwise."""
+    if x.numel() == 0:
         return None
-    B, D, T, H, W = x.shape
-    sB, sD, sT, sH, sW = x.stride()
-    if H > 1 and W > 1 and sH != W * sW:
-        return None
-    sS = sW if W > 1 else sH  # stride of the merged H*W dim
-    if axis == "spatial":
-        size, stride, sL = (B, T, H * W, D), (sB, sT, sS, sD), sS
-    else:
-        size, stride, sL = (B, H * W, T, D), (sB, sS, sT, sD), sT
-    L = size[2]
-    if L > 1 and D > 1 and sL != 1 and sD != 1:
-        return None
-    return x.as_strided(size, stride, x.storage_offset())
+    g = _geometry(_seq_geometry, _seq_geometry_of, tuple(x.shape), tuple(x.stride()), axis, 1, False, False, True)
+    return None if g is None else x.as_strided(g[0], g[1], x.storage_offset())
 
 
 def _math_view(x: Tensor, axis: str, heads: int, flat: bool):
