@@ -396,6 +396,35 @@ def test_backward_race_free_any_thread_count():
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (7, 9)])
+def test_large_outputs_streamed_equal_small_ones(hw):
+    # fp32 outputs above 32 MiB (the kernel's streaming-store threshold) are written with non-temporal
+    # stores; the values must be bitwise those of the same boxes in small calls (plain stores). (7, 9):
+    # planes of 63 values, so grad_input planes start unaligned and take the plain-copy fallback in turn.
+    h, w = hw
+    gen = torch.Generator().manual_seed(41)
+    n, c = 3, 1024
+    t, k, part = (12, 24, 4) if hw == (16, 16) else (48, 8, 2)
+    x = torch.randn(n, c, t, h, w, generator=gen)
+    boxes = small_far_boxes(k, n, 16 * max(h, w), gen, torch.float32)
+    boxes[::2] = make_boxes(k, n, 16 * h, 16 * w, 1.0, gen, dtype=torch.float32)[::2]
+    out = roi_align3d(x, boxes, 7, 1 / 16, -1, True)
+    assert out.numel() * 4 > 32 << 20
+    parts = [roi_align3d(x, boxes[i:i + part], 7, 1 / 16, -1, True) for i in range(0, k, part)]
+    assert parts[0].numel() * 4 < 32 << 20
+    assert torch.equal(out, torch.cat(parts))
+    g = torch.randn(out.shape, generator=gen)
+    grad = torch.ops.stssa._roi_align3d_backward(g, boxes, 1 / 16, 7, 7, n, c, t, h, w, -1, True, False, False)
+    assert grad.numel() * 4 > 32 << 20
+    for b in range(n):  # each clip's gradient alone: a grad_input below the threshold
+        sel = boxes[:, 0] == b
+        bx = boxes[sel].clone()
+        bx[:, 0] = 0
+        one = torch.ops.stssa._roi_align3d_backward(g[sel].contiguous(), bx, 1 / 16, 7, 7, 1, c, t, h, w, -1, True,
+                                                    False, False)
+        assert torch.equal(grad[b], one[0])
+
+
 def test_deterministic_flag_is_decided_in_python():
     # the stable ABI cannot read torch.use_deterministic_algorithms: the autograd formula passes it
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -32,9 +32,13 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -92,6 +96,10 @@ using torch::headeronly::ScalarType;
 constexpr int CB = 16;  // channels per vector block
 // Most buffered forward results per thread (1 MiB of fp32): a few dozen boxes of one clip at T = 8.
 constexpr int64_t kObufElems = int64_t(1) << 18;
+// Outputs above this size are written with non-temporal (streaming) stores: larger than a typical last-level
+// cache, so they would not be read back from cache anyway, and streaming full lines skips the read for
+// ownership of every output line.
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 bool cpu_has_avx2() {
 #ifdef STSSA_HAVE_AVX2_KERNELS
@@ -244,6 +252,23 @@ void transpose_f32(const float* src, int64_t ss, float* dst, int64_t ds, int64_t
   base::transpose_f32(src, ss, dst, ds, rows, cols);
 }
 
+// dst[0 .. n) = src[0 .. n) (fp32, dst fresh output memory). ``stream``: non-temporal stores, whole 64-byte
+// lines when dst is line-aligned (the caller's regions are); plain memcpy otherwise or without SSE2.
+void copy_out_f32(const float* src, float* dst, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+    _mm_sfence();  // the streamed lines are globally visible before the task ends
+    return;
+  }
+#else
+  (void)stream;
+#endif
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+
 // Forward for inputs whose channels are not the fastest index (contiguous NCTHW, the common case).
 // Tasks (channel block, clip), channel-block-major so that each thread gets every clip (box sizes differ
 // between clips); per frame, the rows of the frame's CB planes that the clip's boxes touch are
@@ -268,8 +293,15 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
   // for all frames are kept in obuf and transposed out once, as CB long sequential runs, rather than one
   // 49-value run per frame and channel (that pattern wrote partial cache lines that later frames complete).
   const bool out_runs = out_dense && so.s2 == bins;
+  // ... and with the channels of a box contiguous too (a contiguous output), a (box, channel block) result is
+  // one contiguous region of cb * T * bins values: transposed into a thread-local stage (in cache) and then
+  // written as one sequential stream (streaming stores for a large output: whole lines, no read of the
+  // fresh lines first; the output dominates the forward's memory traffic at AVA sizes).
+  const bool out_block = out_runs && so.s1 == T * bins;
+  const bool stream = output.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
   torch::stable::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB), obuf;
+    std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB), obuf,
+        stage(out_block ? static_cast<size_t>(T * bins * CB) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task % N, c0 = (task / N) * CB;
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
@@ -317,6 +349,11 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
           const acc_t* ob = obuf.data() + bi * per_box;
           scalar_t* o = out + gboxes[bi] * so.s0 + c0 * so.s1;
           if constexpr (f32) {
+            if (out_block) {
+              transpose_f32(ob, CB, stage.data(), T * bins, T * bins, cb);
+              copy_out_f32(stage.data(), o, cb * T * bins, stream);
+              continue;
+            }
             if (out_runs) {
               transpose_f32(ob, CB, o, so.s1, T * bins, cb);
               continue;
@@ -525,9 +562,13 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
   constexpr bool f32 = std::is_same_v<scalar_t, float>;
   const bool g_dense = f32 && sg.s4 == 1 && sg.s3 == pw_n;                    // a channel's bins contiguous
   const bool gi_dense = f32 && sd.s4 == 1 && sd.s3 == W && !(sd.s1 == 1 && C > 1);  // planes contiguous
+  // A task's slice of grad_input is cb planes of H * W contiguous values: assembled (zeros and transposed
+  // rows) in a thread-local stage and written one plane at a time as a sequential stream, with streaming
+  // stores for a large grad_input (as the forward's output).
+  const bool stream = grad_in.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
   torch::stable::parallel_for(0, N * cblocks * T, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> G(static_cast<size_t>(H * W * CB)), tmp(static_cast<size_t>(W) * CB),
-        gbuf(static_cast<size_t>(bins) * CB, acc_t(0));
+        gbuf(static_cast<size_t>(bins) * CB, acc_t(0)), stage(gi_dense ? static_cast<size_t>(H * W * CB) : 0);
     for (int64_t task = begin; task < end; ++task) {
       // channel-block-major, so that each thread gets every clip (box sizes differ between clips)
       const int64_t t = task % T;
@@ -563,11 +604,13 @@ void backward_impl(const Tensor& grad, const Tensor& rois_acc, double spatial_sc
       scalar_t* d = gi + n * sd.s0 + c0 * sd.s1 + t * sd.s2;
       if constexpr (f32) {
         if (gi_dense) {
+          const int64_t HW = H * W;
           for (int c = 0; c < cb; ++c) {
-            std::fill(d + c * sd.s1, d + c * sd.s1 + ylo * W, scalar_t(0));
-            std::fill(d + c * sd.s1 + yhi * W, d + c * sd.s1 + H * W, scalar_t(0));
+            std::fill(stage.data() + c * HW, stage.data() + c * HW + ylo * W, acc_t(0));
+            std::fill(stage.data() + c * HW + yhi * W, stage.data() + (c + 1) * HW, acc_t(0));
           }
-          if (yhi > ylo) transpose_f32(G.data() + ylo * W * CB, CB, d + ylo * W, sd.s1, (yhi - ylo) * W, cb);
+          if (yhi > ylo) transpose_f32(G.data() + ylo * W * CB, CB, stage.data() + ylo * W, HW, (yhi - ylo) * W, cb);
+          for (int c = 0; c < cb; ++c) copy_out_f32(stage.data() + c * HW, d + c * sd.s1, HW, stream);
           continue;
         }
       }
