@@ -32,6 +32,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -269,6 +272,24 @@ void copy_out_f32(const float* src, float* dst, int64_t n, bool stream) {
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 
+// Prefetch the pixel rows that boxes[0 .. count) read at frame t from cb planes (frame t's plane 0 at
+// ``plane``, the others ``cs`` apart): the forward asks for the next frame's rows before it computes the
+// current frame's boxes, so that their reads overlap that work (fp32 planes of W contiguous pixels).
+template <typename acc_t>
+void prefetch_rows(const BoxTablesAll<acc_t>& tb, const int64_t* boxes, int64_t count, int64_t t, const float* plane,
+                   int64_t cs, int cb, int64_t W, int64_t H) {
+#if defined(__SSE__)
+  const auto [lo, hi] = rows_read(tb, boxes, count, t, H);
+  const int64_t bytes = (hi - lo) * W * static_cast<int64_t>(sizeof(float));
+  for (int c = 0; c < cb; ++c) {
+    const char* p = reinterpret_cast<const char*>(plane + c * cs + lo * W);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+#else
+  (void)tb, (void)boxes, (void)count, (void)t, (void)plane, (void)cs, (void)cb, (void)W, (void)H;
+#endif
+}
+
 // Forward for inputs whose channels are not the fastest index (contiguous NCTHW, the common case).
 // Tasks (channel block, clip), channel-block-major so that each thread gets every clip (box sizes differ
 // between clips); per frame, the rows of the frame's CB planes that the clip's boxes touch are
@@ -324,6 +345,7 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
             if (!tiled && rows_dense) {
               transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
               tiled = true;
+              if (t + 1 < T) prefetch_rows(tb, gboxes, nb, t + 1, plane + si.s2, si.s1, cb, W, H);
             }
           }
           if (!tiled) {
