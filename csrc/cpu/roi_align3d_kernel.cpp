@@ -7,15 +7,18 @@
 //  * the feature values of the box's pixels are read as channel vectors: directly when the input is
 //    channels-last (channel stride 1); otherwise (contiguous NCTHW, the common case) the rows of a frame's
 //    CB planes that the clip's boxes touch are transposed once into a channel-fastest tile [y][x][c]
-//    that all boxes of the clip share (8x8 register transposes for fp32), and each box's [frames][bins][c]
-//    results are transposed back into the output the same way, one T * bins run per channel.
+//    that all boxes of the clip share (8x8 register transposes for fp32; the next frame's rows are
+//    prefetched meanwhile), and each box's [frames][bins][c] results are transposed back the same way;
+//  * results leave through a per-thread stage: a (box, channel block) output region (contiguous in a
+//    contiguous output) and a backward task's grad_input planes are assembled in cache and written as
+//    sequential runs, with streaming stores for tensors above kStreamBytes.
 // Forward, channels-last input: tasks (box, channel block) ordered by batch index so that boxes of one
 // clip reuse its pixels from cache; each task loops over the frames and writes out[k, c0:c0+CB, :, :, :].
 // Forward, other layouts: tasks (channel block, clip), channel-block-major so that each thread gets every
 // clip; each loops over the frames, then over the clip's boxes.
 // Backward (dX = the transpose): tasks (channel block, batch, frame); each owns the grad_input slice
 // [n, c0:c0+CB, t, :, :], accumulates all boxes of its batch in roi order into a thread-private plane
-// tile (only the rows the boxes touch; the others are written as zeros) and writes every element of its
+// tile (only the rows the boxes touch; the others are zeros) and writes every element of its
 // slice exactly once (no zero-fill pass, no atomics, deterministic whatever the thread count; slices of
 // different tasks are disjoint whole rows/channel blocks, so there is no false sharing inside a thread
 // range).
