@@ -258,8 +258,9 @@ void transpose_f32(const float* src, int64_t ss, float* dst, int64_t ds, int64_t
   base::transpose_f32(src, ss, dst, ds, rows, cols);
 }
 
-// dst[0 .. n) = src[0 .. n) (fp32, dst fresh output memory). ``stream``: non-temporal stores, whole 64-byte
-// lines when dst is line-aligned (the caller's regions are); plain memcpy otherwise or without SSE2.
+// dst[0 .. n) = src[0 .. n) (fp32, dst fresh output memory). ``stream``: non-temporal stores where dst is
+// 16-byte aligned (whole 64-byte lines where it is line-aligned: the forward's regions when C * T is a
+// multiple of 16, the backward's planes when H * W is); plain memcpy otherwise or without SSE2.
 void copy_out_f32(const float* src, float* dst, int64_t n, bool stream) {
 #if defined(__SSE2__)
   if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
