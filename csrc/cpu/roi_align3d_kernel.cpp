@@ -276,21 +276,18 @@ void copy_out_f32(const float* src, float* dst, int64_t n, bool stream) {
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 
-// Prefetch the pixel rows that boxes[0 .. count) read at frame t from cb planes (frame t's plane 0 at
-// ``plane``, the others ``cs`` apart): the forward asks for the next frame's rows before it computes the
-// current frame's boxes, so that their reads overlap that work (fp32 planes of W contiguous pixels).
-template <typename acc_t>
-void prefetch_rows(const BoxTablesAll<acc_t>& tb, const int64_t* boxes, int64_t count, int64_t t, const float* plane,
-                   int64_t cs, int cb, int64_t W, int64_t H) {
+// Prefetch pixel rows [lo, hi) of cb planes (plane 0 at ``plane``, the others ``cs`` apart; fp32 planes of
+// W contiguous pixels): the forward asks for the next frame's rows before it computes the current frame's
+// boxes, so that their reads overlap that work.
+void prefetch_rows(const float* plane, int64_t cs, int cb, int64_t W, int64_t lo, int64_t hi) {
 #if defined(__SSE__)
-  const auto [lo, hi] = rows_read(tb, boxes, count, t, H);
   const int64_t bytes = (hi - lo) * W * static_cast<int64_t>(sizeof(float));
   for (int c = 0; c < cb; ++c) {
     const char* p = reinterpret_cast<const char*>(plane + c * cs + lo * W);
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
   }
 #else
-  (void)tb, (void)boxes, (void)count, (void)t, (void)plane, (void)cs, (void)cb, (void)W, (void)H;
+  (void)plane, (void)cs, (void)cb, (void)W, (void)lo, (void)hi;
 #endif
 }
 
@@ -327,6 +324,7 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
   torch::stable::parallel_for(0, N * cblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(static_cast<size_t>(H * W * CB), acc_t(0)), tmp(static_cast<size_t>(W) * CB), obuf,
         stage(out_block ? static_cast<size_t>(T * bins * CB) : 0);
+    std::vector<std::pair<int64_t, int64_t>> rows(static_cast<size_t>(T));  // rows read per frame
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task % N, c0 = (task / N) * CB;
       const int cb = static_cast<int>(std::min<int64_t>(CB, C - c0));
@@ -341,15 +339,16 @@ void forward_planar(const Tensor& input, const BoxTablesAll<typename AccType<sca
         const int64_t nb = std::min<int64_t>(group, static_cast<int64_t>(boxes.size()) - g0);
         const int64_t* gboxes = boxes.data() + g0;
         obuf.resize(static_cast<size_t>(nb * per_box));
+        for (int64_t t = 0; t < T; ++t) rows[t] = rows_read(tb, gboxes, nb, t, H);
         for (int64_t t = 0; t < T; ++t) {
-          const auto [ylo, yhi] = rows_read(tb, gboxes, nb, t, H);
+          const auto [ylo, yhi] = rows[t];
           const scalar_t* plane = in + n * si.s0 + c0 * si.s1 + t * si.s2;
           bool tiled = yhi <= ylo;
           if constexpr (f32) {
             if (!tiled && rows_dense) {
               transpose_f32(plane + ylo * W, si.s1, tile.data() + ylo * W * CB, CB, cb, (yhi - ylo) * W);
               tiled = true;
-              if (t + 1 < T) prefetch_rows(tb, gboxes, nb, t + 1, plane + si.s2, si.s1, cb, W, H);
+              if (t + 1 < T) prefetch_rows(plane + si.s2, si.s1, cb, W, rows[t + 1].first, rows[t + 1].second);
             }
           }
           if (!tiled) {

@@ -520,8 +520,7 @@ def _torch_backward(grad_out, q, k, v, lse, saved, axis, heads, scale, gamma, fl
     flat = heads == 1 and not flash
     last = flash or _math_keeps_p(nseq * heads * L, L)  # saved = copies + [attention output | P]
     (qs, ks, vs), _ = _seq_inputs((q, k, v), axis, heads, flash, flat, saved[:-1] if last else saved)
-    dos = _seq_view(grad_out, axis, heads, False, flat) if flash else _math_view(grad_out, axis, heads, flat)
-    dos = dos if dos is not None else _seq_copy(grad_out, axis, heads, False, flat)
+    (dos,), _ = _seq_inputs((grad_out,), axis, heads, flash, flat)
     if flash:
         os_ = saved[-1]
         dgamma = None
