@@ -221,7 +221,10 @@ def _attn3d_fwd_packed(
     o_rows = _rows(seq, head, n, o_st, GEO, SEQ_DIMS, TOK_DIMS)
 
     p, lse = _packed_softmax(Q, K, q_rows, k_rows, q_st, k_st, g, ok, DK, qk_scale, BLOCK_M, BLOCK_DK, PREC)
-    tl.store(_row_stat(LSE, gs, L, n), lse, mask=ok & (tl.program_id(1) == 0))
+    # the LSE from Dv split 0 only; a scalar branch, not `mask=ok & (pid1 == 0)`: triton 3.9's
+    # interpreter types that block & scalar as int32 and rejects it as a mask
+    if tl.program_id(1) == 0:
+        tl.store(_row_stat(LSE, gs, L, n), lse, mask=ok)
 
     pv = p.to(V.dtype.element_ty)
     if GAMMA is not None:
@@ -338,7 +341,8 @@ def _attn3d_fwd_flash(
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, tl.trans(vT), PREC)
 
     acc = acc * (1.0 / l_i)[:, None]
-    tl.store(_row_stat(LSE, gs, L, mi), (m_i + tl.log2(l_i)) * LN2, mask=m_ok & (tl.program_id(1) == 0))
+    if tl.program_id(1) == 0:  # the LSE from Dv split 0 (a scalar branch, see _attn3d_fwd_packed)
+        tl.store(_row_stat(LSE, gs, L, mi), (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
     accT = tl.trans(acc)
     if A is not None:
         a_rows = _rows(seq, head, mi, a_st, GEO, SEQ_DIMS, TOK_DIMS)
