@@ -5,7 +5,8 @@
 #   (b) one wheel, built once by plain `pip wheel .` in venv A, installed into venv B holding another torch
 #       (default the CPU-only torch==2.13.0+cpu, which ships no triton): smoke test and the CPU test suite
 #       there; then triton==3.6.0 is added to venv B and the interpreter tests and
-#       `python -m stssa_kernels.compile_check` run under it.
+#       `python -m stssa_kernels.compile_check` run under it; then the interpreter tests once more under
+#       the newest triton (3.9.0, the one torch 2.15 brings), whose interpreter is stricter.
 # The tests in venv B run from a copy of the tree without the two package folders, so everything they
 # import (subprocesses included) comes from the installed wheel.
 #
@@ -13,7 +14,10 @@
 # Environment:
 #   PYTHON         interpreter for the venvs (python3)
 #   TORCH_B        torch requirement of venv B (torch==2.13.0+cpu)
-#   TRITON_B       triton requirement added to venv B (triton==3.6.0)
+#   TRITON_B       triton requirement added to venv B (triton==3.6.0) after the tests without triton, when
+#                  B's torch ships none; a torch that brings its own (the CUDA builds: TORCH_B=torch==2.10.0)
+#                  is tested with that one throughout
+#   TRITON_NEWEST  triton requirement of the last interpreter run (triton==3.9.0); empty: skip it
 #   BUILD_TORCH    torch the isolated build environments get, passed to pip as a build constraint:
 #                  requirements.txt's pin by default (on local disk here); "any" lets pip choose as it does
 #                  for a user (the newest torch on the index: a multi-GB download)
@@ -27,6 +31,7 @@ WORK="$(mkdir -p "${1:-$ROOT/build/install-check}" && cd "${1:-$ROOT/build/insta
 PYTHON="${PYTHON:-python3}"
 TORCH_B="${TORCH_B:-torch==2.13.0+cpu}"
 TRITON_B="${TRITON_B:-triton==3.6.0}"
+TRITON_NEWEST="${TRITON_NEWEST-triton==3.9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 export STSSA_CUDA_ARCHS="${CHECK_CUDA_ARCHS:-7.5}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -108,23 +113,42 @@ TORCH_VERSION='import torch; print(torch.__version__)'
 step "venv B: $TORCH_B" bash -c \
   "'$PYTHON' -m venv '$WORK/b' && '$B' -m pip install -q --upgrade pip && '$B' -m pip install -q '$TORCH_B'"
 TORCH_B_VERSION="$("$B" -c "$TORCH_VERSION" 2>/dev/null)"  # (no numpy yet: torch warns)
+# the triton B's torch brought (none for the CPU-only builds), read before the wheel can add anything
+TRITON_OF_TORCH_B="$("$B" -c 'import importlib.metadata as m; print(m.version("triton"))' 2>/dev/null || true)"
 step "venv B: the wheel + test deps" "$B" -m pip install -q -c "$WORK/constraints-b.txt" "$WHEEL[test,train]"
 if [ "$("$B" -c "$TORCH_VERSION" 2>/dev/null)" != "$TORCH_B_VERSION" ]; then
   echo "[check-install] FAILED: installing the wheel replaced torch $TORCH_B_VERSION in venv B"; exit 1
 fi
-check "venv B: smoke test (wheel, no triton)" bash -c \
-  "cd '$WORK' && '$B' -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(\"triton\") and \"venv B already holds triton\")' \
-   && '$B' '$ROOT/scripts/smoke_ops.py' --expect-under '$SITE_B'"
-check "venv B: CPU test suite (no triton)" bash -c \
+if [ -z "$TRITON_OF_TORCH_B" ]; then
+  WITH="no triton"
+  check "venv B: smoke test (wheel, $WITH)" bash -c \
+    "cd '$WORK' && '$B' -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(\"triton\") and \"the wheel brought triton into venv B\")' \
+     && '$B' '$ROOT/scripts/smoke_ops.py' --expect-under '$SITE_B'"
+else
+  WITH="torch's triton $TRITON_OF_TORCH_B"
+  check "venv B: smoke test (wheel, $WITH)" bash -c "cd '$WORK' && '$B' '$ROOT/scripts/smoke_ops.py' --expect-under '$SITE_B'"
+fi
+check "venv B: CPU test suite ($WITH)" bash -c \
   "cd '$WORK/run-b' && STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m 'not interpret'"
 tail -n 1 "$WORK"/logs/*CPU_test_suite*.log | sed 's/^/    /'
-step "venv B: + $TRITON_B" "$B" -m pip install -q "$TRITON_B"
-check "venv B: interpreter tests ($TRITON_B)" bash -c \
+if [ -z "$TRITON_OF_TORCH_B" ]; then
+  step "venv B: + $TRITON_B" "$B" -m pip install -q "$TRITON_B"
+  TRITON_B_VERSION="$("$B" -c 'import importlib.metadata as m; print(m.version("triton"))')"
+else
+  TRITON_B_VERSION="$TRITON_OF_TORCH_B"
+fi
+check "venv B: interpreter tests (triton $TRITON_B_VERSION)" bash -c \
   "cd '$WORK/run-b' && TRITON_INTERPRET=1 STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m interpret"
 tail -n 1 "$WORK"/logs/*interpreter_tests*.log | sed 's/^/    /'
-check "venv B: compile_check ($TRITON_B)" bash -c \
+check "venv B: compile_check (triton $TRITON_B_VERSION)" bash -c \
   "cd '$WORK/run-b' && '$B' -m stssa_kernels.compile_check --arch sm_90 --spills-are-warnings"
 tail -n 2 "$WORK"/logs/*compile_check*.log | sed 's/^/    /'
+if [ -z "$TRITON_OF_TORCH_B" ] && [ -n "$TRITON_NEWEST" ]; then
+  step "venv B: + $TRITON_NEWEST" "$B" -m pip install -q "$TRITON_NEWEST"
+  check "venv B: interpreter tests ($TRITON_NEWEST)" bash -c \
+    "cd '$WORK/run-b' && TRITON_INTERPRET=1 STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m interpret"
+  tail -n 1 "$(ls -t "$WORK"/logs/*interpreter_tests*.log | head -n 1)" | sed 's/^/    /'
+fi
 
 if [ "${KEEP:-0}" != "1" ]; then rm -rf "$WORK"/{a,b,src-e,src-w,run-b}; fi
 summary
