@@ -20,7 +20,8 @@ On CPU, each call's outputs are fresh memory, and with PyTorch's default allocat
 touch costs a page fault per 4 KiB page (on this project's VM ~95 ms per 236 MB, the output and input
 gradient of one AVA T=8 forward+backward: more than the kernels' own time). ``THP_MEM_ALLOC_ENABLE=1``
 (PyTorch's switch for transparent huge pages on large CPU allocations; set it in the environment, it is
-read once) cuts that to ~27 ms; the setting is saved in the results JSON.
+read once) cuts that to ~27 ms; the setting is saved in the results JSON. ``--pause-probe ava_t8:far`` times
+our forward+backward alone, back to back and after seconds of sleep (see :func:`pause_probe`).
 """
 from __future__ import annotations
 
@@ -98,6 +99,22 @@ def line_floor_bytes(boxes, shape, elem, line=64):
     return (lines * line) * c * t + boxes.shape[0] * c * t * OUT * OUT * elem
 
 
+def _features(sname, device, dtype):
+    """Features x and output gradient g of one shape. Seeds per shape and per box set, so that a run of a
+    subset (--shapes, --boxes) times the same inputs."""
+    s = SHAPES[sname]
+    gen = torch.Generator().manual_seed(list(SHAPES).index(sname))
+    x = torch.randn(s["N"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
+    g = torch.randn(s["K"], s["C"], s["T"], OUT, OUT, generator=gen).to(device, dtype)
+    return x, g
+
+
+def _boxes(sname, bname, device):
+    s = SHAPES[sname]
+    bgen = torch.Generator().manual_seed(100 + 10 * list(SHAPES).index(sname) + list(BOXES).index(bname))
+    return BOXES[bname](s["N"], s["K"], s["H"] / SCALE, bgen, device, torch.float32)
+
+
 def run(args):
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -116,17 +133,11 @@ def run(args):
     rows = []
     modes = args.modes.split(",")
     for sname in args.shapes.split(","):
-        s = SHAPES[sname]
-        # seeds per shape and per box set, so that a run of a subset (--shapes, --boxes) times the same inputs
-        shape_seed = list(SHAPES).index(sname)
-        gen = torch.Generator().manual_seed(shape_seed)
-        x = torch.randn(s["N"], s["C"], s["T"], s["H"], s["W"], generator=gen).to(device, dtype)
-        g = torch.randn(s["K"], s["C"], s["T"], OUT, OUT, generator=gen).to(device, dtype)
+        x, g = _features(sname, device, dtype)
         xr = x.detach().requires_grad_()
         copy_dst = torch.empty_like(x)
         for bname in args.boxes.split(","):
-            bgen = torch.Generator().manual_seed(100 + 10 * shape_seed + list(BOXES).index(bname))
-            boxes = BOXES[bname](s["N"], s["K"], s["H"] / SCALE, bgen, device, torch.float32)
+            boxes = _boxes(sname, bname, device)
             for mode in modes:
                 fns = {}
                 for name, f in methods.items():
@@ -184,6 +195,44 @@ def run(args):
     print(f"\nwrote {path}")
 
 
+def pause_probe(args):
+    """CPU: our forward+backward alone, calls back to back against calls each after ``--pause-s`` of
+    sleep, in alternating blocks (median per block; guest page faults per call from getrusage). On a VM
+    with free page reporting, memory left free for seconds goes back to the host, and touching it again
+    costs host faults that the guest neither counts nor can avoid."""
+    import resource
+    import statistics
+    import time
+    torch.set_num_threads(args.threads)
+    sname, bname = args.pause_probe.split(":")
+    x, g = _features(sname, torch.device("cpu"), torch.float32)
+    boxes = _boxes(sname, bname, torch.device("cpu"))
+    xr = x.requires_grad_()
+
+    def fb():
+        return torch.autograd.grad(stssa_kernels.roi_align3d(xr, boxes, OUT, SCALE, SR, ALIGNED), xr, g)
+
+    fb()
+    blocks = []
+    for pause in [0.0, 0.0] + [args.pause_s, 0.0] * 3:
+        ms, faults = [], []
+        for _ in range(args.repeats):
+            time.sleep(pause)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            fb()
+            ms.append((time.perf_counter() - t0) * 1e3)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        blocks.append(dict(pause_s=pause, median_ms=statistics.median(ms), median_faults=statistics.median(faults)))
+        print(f"pause {pause:.1f} s: {blocks[-1]['median_ms']:.1f} ms per call, "
+              f"{blocks[-1]['median_faults']:.0f} page faults", flush=True)
+    path = write_results("roi_align3d_pause_probe", torch.device("cpu"), {
+        "shape": SHAPES[sname], "boxes": bname, "mode": "fwd+bwd", "threads": args.threads,
+        "repeats_per_block": args.repeats, "blocks": blocks,
+        "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}, "note": args.note})
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,8 +244,17 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="stored in the results JSON (e.g. 'machine shared with other jobs')")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--pause-probe", metavar="SHAPE:BOXES", default=None,
+                    help="CPU only: time our forward+backward at SHAPE:BOXES (e.g. ava_t8:far) back to back "
+                         "and after --pause-s of sleep, instead of the benchmark (see pause_probe)")
+    ap.add_argument("--pause-s", type=float, default=3.0)
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
+    if args.pause_probe:
+        if not cpu:
+            sys.exit("--pause-probe is a CPU probe (page reporting on a VM): use --device cpu")
+        args.repeats = args.repeats or 7
+        return pause_probe(args)
     args.repeats = args.repeats or (5 if cpu else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
     run(args)
