@@ -137,17 +137,18 @@ if [ -z "$TRITON_OF_TORCH_B" ]; then
 else
   TRITON_B_VERSION="$TRITON_OF_TORCH_B"
 fi
-check "venv B: interpreter tests (triton $TRITON_B_VERSION)" bash -c \
-  "cd '$WORK/run-b' && TRITON_INTERPRET=1 STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m interpret"
-tail -n 1 "$WORK"/logs/*interpreter_tests*.log | sed 's/^/    /'
+interpreter_tests() {  # interpreter_tests LABEL: the Triton-interpreter tests under venv B's triton
+  check "venv B: interpreter tests ($1)" bash -c \
+    "cd '$WORK/run-b' && TRITON_INTERPRET=1 STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m interpret"
+  tail -n 1 "$(ls -t "$WORK"/logs/*interpreter_tests*.log | head -n 1)" | sed 's/^/    /'
+}
+interpreter_tests "triton $TRITON_B_VERSION"
 check "venv B: compile_check (triton $TRITON_B_VERSION)" bash -c \
   "cd '$WORK/run-b' && '$B' -m stssa_kernels.compile_check --arch sm_90 --spills-are-warnings"
 tail -n 2 "$WORK"/logs/*compile_check*.log | sed 's/^/    /'
 if [ -z "$TRITON_OF_TORCH_B" ] && [ -n "$TRITON_NEWEST" ]; then
   step "venv B: + $TRITON_NEWEST" "$B" -m pip install -q "$TRITON_NEWEST"
-  check "venv B: interpreter tests ($TRITON_NEWEST)" bash -c \
-    "cd '$WORK/run-b' && TRITON_INTERPRET=1 STSSA_EXPECT_INSTALLED_UNDER='$SITE_B' '$B' -m pytest -q -p no:cacheprovider tests -m interpret"
-  tail -n 1 "$(ls -t "$WORK"/logs/*interpreter_tests*.log | head -n 1)" | sed 's/^/    /'
+  interpreter_tests "$TRITON_NEWEST"
 fi
 
 if [ "${KEEP:-0}" != "1" ]; then rm -rf "$WORK"/{a,b,src-e,src-w,run-b}; fi
