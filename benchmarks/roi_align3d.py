@@ -204,7 +204,7 @@ def pause_probe(args):
     import statistics
     import time
     torch.set_num_threads(args.threads)
-    sname, bname = args.pause_probe.split(":")
+    sname, bname = args.probe_shape, args.probe_boxes
     x, g = _features(sname, torch.device("cpu"), torch.float32)
     boxes = _boxes(sname, bname, torch.device("cpu"))
     xr = x.requires_grad_()
@@ -253,6 +253,10 @@ def main(argv=None):
     if args.pause_probe:
         if not cpu:
             sys.exit("--pause-probe is a CPU probe (page reporting on a VM): use --device cpu")
+        args.probe_shape, _, args.probe_boxes = args.pause_probe.partition(":")
+        if args.probe_shape not in SHAPES or args.probe_boxes not in BOXES:
+            ap.error(f"--pause-probe: expected SHAPE:BOXES with SHAPE in {list(SHAPES)} and BOXES in "
+                     f"{list(BOXES)}, got {args.pause_probe!r}")
         args.repeats = args.repeats or 7
         return pause_probe(args)
     args.repeats = args.repeats or (5 if cpu else 50)
