@@ -60,6 +60,9 @@ def test_every_plan_tile_has_a_spec_per_dtype():
     for cc in (75, 80, 86, 90):
         specs = {(s.name, s.config) for s in TK.compile_specs(cc)}
         for dt, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            if cc == 75 and dt == torch.bfloat16:  # runs PyTorch math there: no Triton build to check
+                assert not any(c.startswith("bf16") for _, c in specs)
+                continue
             for L, dk in ((49, 512), (8, 64), (784, 64), (784, 128), (784, 256)):
                 p = TK.plan(cc, L, dk, 512, dt)
                 f, b = p.fwd, p.bwd

@@ -605,15 +605,16 @@ def _geometry(shape, axis: str, descs: dict) -> _Geometry:
 # sm_75 runs tl.dot on FFMA for every dtype, so it gets the fp32 (FFMA) tiles and packs fewer
 # sequences per tile: the block-diagonal waste of packing costs real FFMA time there, while on
 # tensor-core archs it fills otherwise idle MMA cycles. sm_86/89 (about 100 KB of shared memory per
-# block, 1536 threads per SM) have a family of their own.
+# block, 1536 threads per SM) have a family key of their own; today their tiles are sm_80's.
 
-# (family, bits) -> (BLOCK_M, BLOCK_DK, BLOCK_DV, num_warps, num_stages); L <= BLOCK_M runs packed (the
-# packed kernels loop over Dk and Dv in chunks, so any head width fits: the flash kernels hold a whole
-# Dk tile and stop at MAX_HEAD_DIM). 64 rows everywhere, so the AVA head's 7x7 = 49-token frames run
-# packed whatever Dk. The FFMA tiles (sm_75, and fp32 on every arch) take 16-wide Dk/Dv chunks, the
-# widest without register spills.
-_PACKED_MMA16 = (64, 32, 64, 8, 2)
-_PACKED_FFMA = (64, 16, 16, 8, 1)
+# (family, bits) -> (BLOCK_M, BLOCK_DK, forward BLOCK_DV, backward BLOCK_DV, num_warps, num_stages);
+# L <= BLOCK_M runs packed (the packed kernels loop over Dk and Dv in chunks, so any head width fits:
+# the flash kernels hold a whole Dk tile and stop at MAX_HEAD_DIM). 64 rows everywhere, so the AVA
+# head's 7x7 = 49-token frames run packed whatever Dk. The FFMA tiles (sm_75, and fp32 on every arch)
+# take 16-wide Dk/Dv chunks, the widest without register spills; the 16-bit backward takes 32-wide Dv
+# chunks (64-wide ones spill 8-200 bytes under triton 3.6 on sm_80/86/90).
+_PACKED_MMA16 = (64, 32, 64, 32, 8, 2)
+_PACKED_FFMA = (64, 16, 16, 16, 8, 1)
 PACKED_CONFIGS = {
     (75, 16): _PACKED_FFMA, (75, 32): _PACKED_FFMA,
     (80, 16): _PACKED_MMA16, (80, 32): _PACKED_FFMA,
@@ -623,30 +624,32 @@ PACKED_CONFIGS = {
 # (family, bits) -> padded head dim BLOCK_DK -> (forward tile, backward tile), each
 # (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, maxnreg]). maxnreg = 255 lifts the register cap
 # ptxas otherwise picks for occupancy (64-128 for some of these 8-warp kernels), under which they spill.
+# Every tile compiles without spills under triton 3.6, 3.8 and 3.9 (compile_check).
 _MMA16 = {64: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2, 255)),  # sm_80
           128: ((64, 64, 64, 8, 2), (32, 32, 64, 8, 2)),
-          256: ((64, 32, 64, 8, 2), (32, 16, 64, 8, 2))}
-_MMA16_SM86 = {**_MMA16, 256: ((64, 32, 64, 8, 2), (16, 16, 64, 8, 2))}
-# sm_90 (wgmma): the 64-wide dk/dv tile fits its register file; the 128-wide forward halves its key block
-_MMA16_SM90 = {**_MMA16, 64: ((64, 64, 64, 8, 2), (64, 32, 64, 8, 2)),
-               128: ((64, 32, 64, 8, 2), (32, 32, 64, 8, 2))}
-_FFMA16 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),   # sm_75: fp16/bf16 converted to fp32 for FFMA
+          256: ((64, 32, 64, 8, 2), (16, 16, 64, 8, 2))}
+# sm_90 (wgmma): the 64-wide dk/dv tile fits its register file with 32-wide Dv chunks; the 128- and
+# 256-wide forwards halve their key block
+_MMA16_SM90 = {64: ((64, 64, 64, 8, 2), (64, 32, 32, 8, 2)),
+               128: ((64, 32, 64, 8, 2), (32, 32, 64, 8, 2)),
+               256: ((64, 16, 64, 8, 2), (16, 16, 64, 8, 2))}
+_FFMA16 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),   # sm_75: fp16 converted to fp32 for FFMA
            128: ((64, 32, 32, 8, 1), (16, 32, 32, 8, 1)),
            256: ((32, 32, 32, 8, 1), (16, 16, 32, 8, 1))}
-_FFMA32 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1)),
-           128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1)),
-           256: ((32, 32, 32, 8, 1), (32, 16, 32, 8, 1))}
-# sm_86/89: ptxas caps the 8-warp FFMA backward kernels harder than on sm_80; with the cap lifted
-# the sm_80 tiles fit
-_FFMA32_SM86 = {bdk: (fwd, (*bwd, 255)) for bdk, (fwd, bwd) in _FFMA32.items()}
+# fp32: ptxas caps the 8-warp FFMA backward kernels for occupancy and they spill under the cap
+_FFMA32 = {64: ((64, 32, 32, 8, 1), (32, 16, 32, 8, 1, 255)),
+           128: ((32, 16, 32, 8, 1), (16, 32, 32, 8, 1, 255)),
+           256: ((32, 32, 32, 8, 1), (16, 16, 32, 8, 1, 255))}
 FLASH_CONFIGS = {
     (75, 16): _FFMA16, (75, 32): _FFMA32,
     (80, 16): _MMA16, (80, 32): _FFMA32,
-    (86, 16): _MMA16_SM86, (86, 32): _FFMA32_SM86,
+    (86, 16): _MMA16, (86, 32): _FFMA32,
     (90, 16): _MMA16_SM90, (90, 32): _FFMA32,
 }
 MAX_HEAD_DIM = 256  # q/k channels per head the flash kernels take in one tile
-DELTA_TILE = (64, 64, 4)  # delta pre-pass: (BLOCK_M, BLOCK_DV, num_warps), every arch and dtype
+# delta pre-pass: (BLOCK_M, BLOCK_DV, num_warps), every arch and dtype (64-wide Dv chunks spill on sm_86
+# under triton 3.6)
+DELTA_TILE = (64, 32, 4)
 # A packed forward with fewer programs than this splits Dv over a second grid dimension (each split
 # recomputes the tiny packed softmax) to fill the GPU.
 MIN_PROGRAMS = 256
@@ -699,10 +702,9 @@ def plan(cc: int, L: int, dk: int, dv: int, dtype: torch.dtype = torch.float16) 
     """Kernel family and tiles for head dims (dk, dv), sequence length L and dtype; None if unsupported."""
     fam = arch_family(cc)
     bits = 32 if dtype == torch.float32 else 16
-    bm, bdk, bdv, w, st = PACKED_CONFIGS[(fam, bits)]
+    bm, bdk, bdv_fwd, bdv_bwd, w, st = PACKED_CONFIGS[(fam, bits)]
     if L <= bm:
-        t = Tile(bm, bm, bdv, w, st)
-        return Plan("packed", fam, bits, bdk, t, t)
+        return Plan("packed", fam, bits, bdk, Tile(bm, bm, bdv_fwd, w, st), Tile(bm, bm, bdv_bwd, w, st))
     if dk > MAX_HEAD_DIM:
         return None
     bdk = _pow2(dk, 64)  # head dims below 64 are padded: QK^T is rarely the cost next to PV
@@ -899,15 +901,15 @@ def compile_workloads(cc: int) -> list[tuple]:
     """(layout, dtype tag, shape [B, Dk, T, H, W], Dv, axis) calls whose launches compile_check builds
     on arch ``cc``:
 
-    * ``strided`` for every dtype and every tile ``plan`` can pick (packed on the spatial and temporal
-      axes; flash for each padded head dim with narrow and wide Dv): the register worst case of each
-      tile;
+    * ``strided`` for every dtype the dispatcher runs on Triton there (not bf16 on sm_75, which runs
+      PyTorch math) and every tile ``plan`` can pick (packed on the spatial and temporal axes; flash for
+      each padded head dim with narrow and wide Dv): the register worst case of each tile;
     * the layouts the op is given in the STSSA head (contiguous, channels-last, temporal_proj slices)
       for the 16-bit dtype a training run uses there (bf16 autocast; fp16 on sm_75), packed on both
       axes and flash on the full axis."""
     fam = arch_family(cc)
     calls = []
-    for dt in ("fp16", "bf16", "fp32"):
+    for dt in ("fp16", "fp32") if fam == 75 else ("fp16", "bf16", "fp32"):
         calls += [("strided", dt, (2, 16, 3, 7, 7), 24, "spatial"), ("strided", dt, (2, 16, 8, 3, 5), 24, "temporal")]
         bits = 32 if dt == "fp32" else 16
         for bdk, (fwd, bwd) in FLASH_CONFIGS[(fam, bits)].items():
