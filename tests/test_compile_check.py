@@ -56,6 +56,21 @@ def test_size_arguments_do_not_multiply_variants():
     assert len(set(tp)) == 3
 
 
+def test_every_launch_pins_the_compile_options():
+    # FP fusion pinned on in every launch (triton 3.10 changes its default), and compile_check builds with it
+    launches = [ln for shape, axis in (((2, 16, 3, 7, 7), "spatial"), ((1, 64, 2, 9, 9), "full"))
+                for ln, _ in TK.record_call(90, "contiguous", torch.float16, shape, 24, axis)]
+    launches += [ln for ln, _ in TP.record_call(90, torch.bfloat16, 256, [256, 256, 128], [7, 7, 1])]
+    names = {ln.kernel.fn.__name__ for ln in launches}
+    assert {"_attn3d_fwd_packed", "_attn3d_bwd_packed", "_attn3d_fwd_flash", "_attn3d_bwd_delta", "_attn3d_bwd_dq",
+            "_attn3d_bwd_dkdv", "_temporal_proj_fwd_kernel", "_temporal_proj_bwd_dx_kernel",
+            "_temporal_proj_bwd_dw_kernel"} <= names
+    for ln in launches:
+        assert _launch.LAUNCH_OPTIONS.items() <= ln.kwargs.items(), ln.kernel.fn.__name__
+        options = CC.spec_from_launch(ln, 90, "").options
+        assert all(options[k] == v for k, v in _launch.LAUNCH_OPTIONS.items()), ln.kernel.fn.__name__
+
+
 def test_every_plan_tile_has_a_spec_per_dtype():
     for cc in (75, 80, 86, 90):
         specs = {(s.name, s.config) for s in TK.compile_specs(cc)}

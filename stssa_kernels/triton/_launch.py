@@ -9,6 +9,7 @@
   binder and ``_pack_args`` the JIT runs (divisibility-by-16 and ==1 specialisation of integers,
   16-byte alignment of pointers, ``do_not_specialize``), aimed at a ``GPUTarget`` instead of the
   current device.
+* ``LAUNCH_OPTIONS``: compile options every launch passes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 import triton
+
+#: FP contraction (mul + add -> FMA) pinned on, the default of triton 3.6-3.9: triton 3.9 warns that 3.10
+#: turns the default off, so without the pin one kernel would compile to different code (and rounding)
+#: by triton version. compile_check builds with the same options (they reach it in the recorded kwargs).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def device_context(device: torch.device):

@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_tensor_device
+from ._launch import LAUNCH_OPTIONS, on_tensor_device
 
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
@@ -756,7 +756,8 @@ def forward(q, k, v, axis: str, heads: int, scale: float, residual, gamma, p: Pl
     nseqh = nseq * heads
     t = p.fwd
     meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, BLOCK_DK=p.block_dk, BLOCK_DV=t.block_dv,
-                PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.maxnreg)
+                PREC=PRECISION, num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.maxnreg,
+                **LAUNCH_OPTIONS)
     if p.kind == "packed":
         G = max(1, t.block_m // L)
         n_prog = triton.cdiv(nseqh, G)
@@ -804,7 +805,7 @@ def backward(grad_out, q, k, v, o, lse, axis: str, heads: int, scale: float, gam
         descs["o"] = _desc_seq(q.shape, axis, heads, dv) if o.dim() == 4 else _desc_5d(o, dv)
     geo = _geometry(q.shape, axis, descs)
     st = geo.layouts
-    meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims)
+    meta = dict(SEQ_DIMS=geo.seq_dims, TOK_DIMS=geo.tok_dims, **LAUNCH_OPTIONS)
     if p.kind == "packed":
         G = max(1, t.block_m // L)
         _attn3d_bwd_packed[(triton.cdiv(nseqh, G),)](

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_tensor_device
+from ._launch import LAUNCH_OPTIONS, on_tensor_device
 
 # Size arguments that only enter index math or row masks: the JIT need not compile "== 1" / "% 16"
 # variants of them. C and NTOT stay specialised (their divisibility lets K-contiguous loads vectorise).
@@ -337,6 +337,7 @@ def temporal_proj_fwd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(2), x.stride(3), x.stride(4),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group,
         ALIGN=channel_align(out_channels), INPUT_PRECISION=_precision(x.dtype), num_warps=nw, num_stages=ns,
+        **LAUNCH_OPTIONS,
     )
     return y
 
@@ -367,7 +368,7 @@ def temporal_proj_bwd(dy: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, out_c
                 dy, wp, dx, ptab, M, C, T, H, W, ntot, n_proj,
                 dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(4),
                 BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, GROUP_M=cfg.group, ALIGN=align,
-                INPUT_PRECISION=prec, num_warps=nw, num_stages=ns,
+                INPUT_PRECISION=prec, num_warps=nw, num_stages=ns, **LAUNCH_OPTIONS,
             )
     if need_dw:
         dwp = torch.empty_like(wp, memory_format=torch.contiguous_format)
@@ -381,7 +382,7 @@ def temporal_proj_bwd(dy: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, out_c
                 dy, xk, dwp, wtab, M, C, T, H, W, ntot, n_wtiles,
                 xk.stride(0), xk.stride(2), xk.stride(3), xk.stride(4),
                 BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, GROUP_N=cfg.group, ALIGN=align,
-                INPUT_PRECISION=prec, num_warps=nw, num_stages=ns,
+                INPUT_PRECISION=prec, num_warps=nw, num_stages=ns, **LAUNCH_OPTIONS,
             )
     return dx, dwp
 
@@ -420,7 +421,7 @@ def record_call(cc: int, dtype, C: int, out_channels, kernel_sizes, bias: bool =
     for ln in launches:
         kw = ln.kwargs
         blocks = [v for k, v in kw.items() if k.startswith("BLOCK_")]
-        flags = "".join(f" {k.lower()}={int(v)}" for k, v in kw.items() if isinstance(v, bool))
+        flags = "".join(f" {k.lower()}={int(v)}" for k, v in kw.items() if isinstance(v, bool) and k not in LAUNCH_OPTIONS)
         out.append((ln, f"{cfg.name} {tag}{flags} {'x'.join(map(str, blocks))} w{kw['num_warps']} s{kw['num_stages']}"))
     return out
 
