@@ -105,9 +105,9 @@ def test_whole_run_with_stand_in_steps(tmp_path):
     tests, benches, results = _stand_ins(tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), CAP="9.0", STEPS="gputests bench", TEST_PATHS=str(tests),
-               T_TESTS="60", T_FILE="12", BENCH_DIR=str(benches), RESULTS_DIR=str(results),
-               BENCHES="attn3d temporal_proj head", T_BENCH="attn3d=30 temporal_proj=200 head=30",
-               DEADLINE="75", PYTHON=sys.executable, TRITON_CACHE_DIR=str(tmp_path / "cache"))
+               T_TESTS="40", T_FILE="8", BENCH_DIR=str(benches), RESULTS_DIR=str(results),
+               BENCHES="attn3d temporal_proj head", T_BENCH="attn3d=20 temporal_proj=200 head=20",
+               DEADLINE="52", PYTHON=sys.executable, TRITON_CACHE_DIR=str(tmp_path / "cache"))
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=150)
     text = p.stdout
