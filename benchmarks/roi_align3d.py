@@ -257,6 +257,8 @@ def main(argv=None):
         if args.probe_shape not in SHAPES or args.probe_boxes not in BOXES:
             ap.error(f"--pause-probe: expected SHAPE:BOXES with SHAPE in {list(SHAPES)} and BOXES in "
                      f"{list(BOXES)}, got {args.pause_probe!r}")
+        if args.pause_s < 0:
+            ap.error(f"--pause-s: seconds of sleep before each call, >= 0, got {args.pause_s}")
         args.repeats = args.repeats or 7
         return pause_probe(args)
     args.repeats = args.repeats or (5 if cpu else 50)

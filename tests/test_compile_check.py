@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from stssa_kernels import compile_check as CC  # noqa: E402
+from stssa_kernels.ops import attention3d as A  # noqa: E402
 from stssa_kernels.triton import _launch  # noqa: E402
 from stssa_kernels.triton import attention3d as TK  # noqa: E402
 from stssa_kernels.triton import temporal_proj as TP  # noqa: E402
@@ -77,6 +78,9 @@ def test_every_plan_tile_has_a_spec_per_dtype():
         for dt, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             if cc == 75 and dt == torch.bfloat16:  # runs PyTorch math there: no Triton build to check
                 assert not any(c.startswith("bf16") for _, c in specs)
+                for axis, L in (("spatial", 49), ("temporal", 8), ("full", 784)):  # the dispatcher agrees
+                    prob = A.Attention3dProblem("cuda", 75, dt, False, axis, L, 64, 512, L * L)
+                    assert A.DISPATCH.select(prob).backend != "triton", (axis, L)
                 continue
             for L, dk in ((49, 512), (8, 64), (784, 64), (784, 128), (784, 256)):
                 p = TK.plan(cc, L, dk, 512, dt)

@@ -595,9 +595,8 @@ def test_cuda_64bit_indexing():
     assert math.isfinite(out.float().sum().item())
 
 
-def test_benchmark_floors_count_pixels_and_cache_lines():
-    """benchmarks/roi_align3d.py's memory floors: unique pixels under the boxes (+1 bilinear neighbour)
-    and the same in whole 64-byte lines (a 16-pixel fp32 row is one line), both plus the output."""
+def _roi_benchmark():
+    """benchmarks/roi_align3d.py as a module."""
     import importlib.util
     import pathlib
     import sys
@@ -610,6 +609,22 @@ def test_benchmark_floors_count_pixels_and_cache_lines():
         spec.loader.exec_module(B)
     finally:
         sys.path.remove(str(bench))
+    return B
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--pause-probe", "ava_t8"], "SHAPE:BOXES"), (["--pause-probe", "nope:far"], "SHAPE:BOXES"),
+    (["--pause-probe", "ava_t8:far", "--pause-s", "-1"], "--pause-s")])
+def test_benchmark_pause_probe_rejects_bad_arguments(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        _roi_benchmark().main(["--device", "cpu", *argv])
+    assert says in capsys.readouterr().err
+
+
+def test_benchmark_floors_count_pixels_and_cache_lines():
+    """benchmarks/roi_align3d.py's memory floors: unique pixels under the boxes (+1 bilinear neighbour)
+    and the same in whole 64-byte lines (a 16-pixel fp32 row is one line), both plus the output."""
+    B = _roi_benchmark()
     # image box (8, 8)-(24, 24) at scale 1/16 covers map pixels [0, 1] (+1 neighbour): a 3 x 3 patch
     boxes = torch.tensor([[0.0, 8.0, 8.0, 24.0, 24.0]])
     shape = (1, 2, 3, 16, 16)  # N, C, T, H, W
