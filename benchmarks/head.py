@@ -147,7 +147,7 @@ def saved_activations(shape: dict, dtype: torch.dtype, cc: int) -> list[dict]:
         with torch.device("meta"):
             head = make_head(shape, recompute=variant == "fused_recompute")
         head.set_fused(variant != "reference")
-        head.roi_features = lambda f, r: f  # RoIAlign's input checks read box values, which fakes lack
+        head.roi_features = lambda f, r: f  # x below is the RoI features already (RoIAlign excluded)
         saved, skip = {}, set()  # activation storage -> (bytes, shape, dtype); inputs and parameters
 
         def pack(t, saved=saved, skip=skip):

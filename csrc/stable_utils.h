@@ -41,6 +41,16 @@ inline std::string shape_str(const torch::stable::Tensor& t) {
   return s.str();
 }
 
+// The pooling arguments the kernels take as int: output sides in [1, INT_MAX] and sampling_ratio at
+// most kMaxGrid per bin side (the grid's sample count, an int, would overflow past 46340).
+inline void check_pooling_args(const char* op, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio) {
+  constexpr int64_t kIntMax = 2147483647;
+  STD_TORCH_CHECK(pooled_height > 0 && pooled_width > 0 && pooled_height <= kIntMax && pooled_width <= kIntMax,
+                  op, ": output_size must be in [1, ", kIntMax, "], got (", pooled_height, ", ", pooled_width, ")");
+  STD_TORCH_CHECK(sampling_ratio <= roi::kMaxGrid, op, ": sampling_ratio must be at most ", roi::kMaxGrid,
+                  " samples per bin side, got ", sampling_ratio);
+}
+
 // A 5-D tensor's strides, by value for kernel arguments.
 struct Strides5 {
   int64_t s0, s1, s2, s3, s4;

@@ -362,6 +362,32 @@ def test_output_layout_follows_input_and_fake_agrees(name, x):
     assert fake_b.stride() == real_b.stride(), name
 
 
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_public_function_on_meta_and_fake_tensors(per_frame):
+    """Shape inference (a model on the meta device, FakeTensorMode) runs the public function: the value
+    checks, which read the boxes, are skipped for tensors without data; shapes, dtypes and strides are
+    the real call's, the backward's too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 5, 3, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    boxes = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0], [1.0, 0.0, 2.0, 6.0, 6.0]])
+    if per_frame:
+        boxes = boxes[:, None].repeat(1, 3, 1)
+    xg = x.clone().requires_grad_()
+    out = roi_align3d(xg, boxes, (2, 3), 0.5)
+    out.sum().backward()
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x).requires_grad_()
+        fake = roi_align3d(fx, mode.from_tensor(boxes), (2, 3), 0.5)
+        fake.sum().backward()
+    mx = x.to("meta").requires_grad_()
+    meta = roi_align3d(mx, boxes.to("meta"), (2, 3), 0.5)
+    meta.sum().backward()
+    for name, o, gx in (("fake", fake, fx.grad), ("meta", meta, mx.grad)):
+        assert (o.shape, o.dtype, o.stride()) == (out.shape, out.dtype, out.stride()), name
+        assert (gx.shape, gx.stride()) == (xg.grad.shape, xg.grad.stride()), name
+
+
 @needs_tv
 def test_channels_last_output_values_agree_with_contiguous():
     # the two layouts take different kernels (channel vectors / per-plane): same math, other rounding order
@@ -477,6 +503,9 @@ BOX = torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0]])
     (lambda x: roi_align3d(x, torch.tensor([[0.0, 0, 0, 1e9, 1e9]]), 2), ValueError, "sampling_ratio > 0"),
     (lambda x: roi_align3d(x, BOX, 2, spatial_scale=0.0), ValueError, "spatial_scale"),
     (lambda x: roi_align3d(x, BOX, 2, sampling_ratio=1.5), TypeError, "sampling_ratio"),
+    (lambda x: roi_align3d(x, BOX, 2, sampling_ratio=1025), ValueError, "sampling_ratio must be at most 1024"),
+    (lambda x: roi_align3d(x, BOX, 2, sampling_ratio=3 * 10**9), ValueError, "sampling_ratio must be at most 1024"),
+    (lambda x: roi_align3d(x, BOX, (2**31, 1)), ValueError, r"output_size must be at most 2147483647"),
     (lambda x: roi_align3d(x[..., :0], BOX, 2), ValueError, "height and width must be positive"),
     (lambda x: roi_align3d(x, BOX.to("meta"), 2), ValueError, "boxes is on meta"),
 ])
@@ -489,8 +518,17 @@ def test_bad_input(call, exc, match):
 def test_direct_op_call_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="rois must be"):
         torch.ops.stssa.roi_align3d(torch.randn(1, 1, 2, 4, 4), torch.zeros(1, 4), 1.0, 2, 2, -1, False)
-    with pytest.raises(RuntimeError, match="output_size must be positive"):
+    with pytest.raises(RuntimeError, match=r"output_size must be in \[1, 2147483647\], got \(0, 2\)"):
         torch.ops.stssa.roi_align3d(torch.randn(1, 1, 2, 4, 4), torch.zeros(1, 5), 1.0, 0, 2, -1, False)
+    # int arguments past int's range or a sample grid whose count overflows int: errors, not wrapped values
+    x0 = torch.randn(1, 0, 2, 4, 4)  # no channels: the output would be empty, the arguments still count
+    with pytest.raises(RuntimeError, match=r"output_size must be in \[1, 2147483647\], got \(4294967298, 1\)"):
+        torch.ops.stssa.roi_align3d(x0, torch.zeros(1, 5), 1.0, 2**32 + 2, 1, -1, False)
+    with pytest.raises(RuntimeError, match="sampling_ratio must be at most 1024 samples per bin side, got 46341"):
+        torch.ops.stssa.roi_align3d(x0, torch.zeros(1, 5), 1.0, 2, 2, 46341, False)
+    with pytest.raises(RuntimeError, match="_roi_align3d_backward: sampling_ratio must be at most 1024"):
+        torch.ops.stssa._roi_align3d_backward(torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 5), 1.0, 2, 2, 1, 1, 2, 4, 4,
+                                              2000, False, False, False)
 
 
 def test_unchecked_bad_batch_index_gives_nan_not_garbage():

@@ -184,6 +184,33 @@ def test_input_layouts(backend, layout):
         check_backward(xv, ws, bs)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dims", [dict(B=0), dict(C=0), dict(T=0), dict(H=0), dict(W=0), dict(B=0, T=0)],
+                         ids=lambda d: ",".join(f"{k}=0" for k in d))
+def test_empty_inputs(backend, dims):
+    """A zero-size x gives outputs of the conv3d shape (T frames in, T out; conv3d itself rejects T = 0
+    and H/W = 0 with these paddings): biases broadcast where C = 0, zero weight gradients, and the bias
+    gradient the sum of the output gradient. The ops pass opcheck there too."""
+    x, ws, bs = make(**{"B": 2, "C": 5, "T": 4, "H": 3, "W": 2, **dims}, out_channels=(4, 3), kernel_sizes=(7, 1),
+                     bias=(True, False))
+    B, C, T, H, W = x.shape
+    with use_backend(backend):
+        xs, wss, bss = x.requires_grad_(), [w.requires_grad_() for w in ws], [None if b is None else b.requires_grad_() for b in bs]
+        out = temporal_proj(xs, wss, bss)
+        assert [tuple(o.shape) for o in out] == [(B, 4, T, H, W), (B, 3, T, H, W)]
+        torch.testing.assert_close(out[0], bs[0].view(1, 4, 1, 1, 1).expand(B, 4, T, H, W), rtol=0, atol=0)
+        torch.testing.assert_close(out[1], torch.zeros(B, 3, T, H, W), rtol=0, atol=0)
+        gys = [torch.randn(o.shape) for o in out]
+        gx, gw0, gw1, gb0 = torch.autograd.grad(out, [xs, *wss, bss[0]], gys)
+    assert gx.shape == x.shape
+    torch.testing.assert_close(gw0, torch.zeros_like(ws[0]), rtol=0, atol=0)
+    torch.testing.assert_close(gw1, torch.zeros_like(ws[1]), rtol=0, atol=0)
+    torch.testing.assert_close(gb0, gys[0].sum((0, 2, 3, 4)))
+    if x.numel() == 0:
+        torch.library.opcheck(torch.ops.stssa.temporal_proj.default, (x.detach(), [w.detach() for w in ws],
+                                                                          [None if b is None else b.detach() for b in bs]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------

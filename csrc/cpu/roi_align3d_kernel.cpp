@@ -549,8 +549,7 @@ Tensor roi_align3d_forward_cpu(Tensor input, Tensor rois, double spatial_scale, 
                       (rois.dim() == 3 && rois.size(1) == input.size(2) && rois.size(2) == 5),
                   "roi_align3d: rois must be [K, 5] or [K, T, 5] with T = input.size(2) = ", input.size(2),
                   ", got ", shape_str(rois));
-  STD_TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align3d: output_size must be positive, got (",
-                  pooled_height, ", ", pooled_width, ")");
+  check_pooling_args("roi_align3d", pooled_height, pooled_width, sampling_ratio);
   STD_TORCH_CHECK(rois.size(0) == 0 || (input.size(3) > 0 && input.size(4) > 0),
                   "roi_align3d: input height and width must be positive when there are boxes");
   Tensor output = new_5d(input, {rois.size(0), input.size(1), input.size(2), pooled_height, pooled_width},
@@ -665,6 +664,7 @@ Tensor roi_align3d_backward_cpu(Tensor grad, Tensor rois, double spatial_scale, 
                                 int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                 bool /*deterministic: always*/, bool channels_last_out) {
   STD_TORCH_CHECK(grad.is_cpu() && rois.is_cpu(), "_roi_align3d_backward: expected CPU tensors");
+  check_pooling_args("_roi_align3d_backward", pooled_height, pooled_width, sampling_ratio);
   STD_TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) || (rois.dim() == 3 && rois.size(1) == time &&
                                                              rois.size(2) == 5),
                   "_roi_align3d_backward: rois must be [K, 5] or [K, T, 5], got ", shape_str(rois));

@@ -239,7 +239,7 @@ Tensor roi_align3d_forward_cuda(Tensor input, Tensor rois, double spatial_scale,
   STD_TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) ||
                       (rois.dim() == 3 && rois.size(1) == input.size(2) && rois.size(2) == 5),
                   "roi_align3d: rois must be [K, 5] or [K, T, 5] with T = input.size(2), got ", shape_str(rois));
-  STD_TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align3d: output_size must be positive");
+  check_pooling_args("roi_align3d", pooled_height, pooled_width, sampling_ratio);
   STD_TORCH_CHECK(rois.size(0) == 0 || (input.size(3) > 0 && input.size(4) > 0),
                   "roi_align3d: input height and width must be positive when there are boxes");
   const int32_t dev = input.get_device_index();
@@ -285,6 +285,7 @@ Tensor roi_align3d_backward_cuda(Tensor grad, Tensor rois, double spatial_scale,
                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned,
                                  bool deterministic, bool channels_last_out) {
   check_cuda_args(grad, "grad", rois);
+  check_pooling_args("_roi_align3d_backward", pooled_height, pooled_width, sampling_ratio);
   STD_TORCH_CHECK((rois.dim() == 2 && rois.size(1) == 5) || (rois.dim() == 3 && rois.size(1) == time &&
                                                              rois.size(2) == 5),
                   "_roi_align3d_backward: rois must be [K, 5] or [K, T, 5], got ", shape_str(rois));

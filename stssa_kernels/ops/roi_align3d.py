@@ -15,13 +15,16 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext  # noqa: F401  (schemas and kernels)
 
 BoxesType = Union[Tensor, Sequence[Tensor]]
 
-#: Largest adaptive sampling grid (samples per bin side) the kernels take; see roi_align3d_common.h.
+#: Largest sampling grid (samples per bin side, adaptive or sampling_ratio) the kernels take; see
+#: roi_align3d_common.h.
 MAX_ADAPTIVE_GRID = 1024
+_INT_MAX = 2**31 - 1
 
 
 def _pair(output_size) -> Tuple[int, int]:
@@ -34,6 +37,8 @@ def _pair(output_size) -> Tuple[int, int]:
             raise ValueError(f"roi_align3d: output_size must be an int or a pair (h, w), got {output_size!r}") from None
     if ph <= 0 or pw <= 0:
         raise ValueError(f"roi_align3d: output_size must be positive, got ({ph}, {pw})")
+    if ph > _INT_MAX or pw > _INT_MAX:  # the kernels index bins with int
+        raise ValueError(f"roi_align3d: output_size must be at most {_INT_MAX} per side, got ({ph}, {pw})")
     return ph, pw
 
 
@@ -72,10 +77,16 @@ def convert_boxes_to_rois(boxes: BoxesType, input: Tensor) -> Tensor:
     return boxes.detach().to(dtype)
 
 
+def _has_data(t: Tensor) -> bool:
+    """False for meta and fake tensors (shape inference, FakeTensorMode), whose values cannot be read."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _check_values(rois: Tensor, input: Tensor, ph: int, pw: int, spatial_scale: float, sampling_ratio: int,
                   aligned: bool) -> None:
     """Data-dependent checks, one device sync for all of them. Skipped while torch.compile traces
-    (the kernels then return NaN for rows with an invalid batch index and ignore NaN samples)."""
+    and for meta/fake boxes (the kernels then return NaN for rows with an invalid batch index and
+    ignore NaN samples)."""
     if rois.numel() == 0:
         return
     n = input.size(0)
@@ -119,7 +130,8 @@ def roi_align3d(input: Tensor, boxes: BoxesType, output_size, spatial_scale: flo
             (the batch index must be constant along T). Coordinates are in input-image pixels.
         output_size: ``int`` or ``(h, w)``.
         spatial_scale: feature-map size / image size (1/16 for a stride-16 map).
-        sampling_ratio: bilinear samples per bin side; ``<= 0`` picks ``ceil(box_size / output_size)``.
+        sampling_ratio: bilinear samples per bin side (at most ``MAX_ADAPTIVE_GRID``); ``<= 0`` picks
+            ``ceil(box_size / output_size)``.
         aligned: shift boxes by -0.5 pixel (the "aligned" RoIAlign of Detectron2).
 
     Returns:
@@ -136,13 +148,16 @@ def roi_align3d(input: Tensor, boxes: BoxesType, output_size, spatial_scale: flo
     ph, pw = _pair(output_size)
     if not isinstance(sampling_ratio, int):
         raise TypeError(f"roi_align3d: sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    if sampling_ratio > MAX_ADAPTIVE_GRID:
+        raise ValueError(f"roi_align3d: sampling_ratio must be at most {MAX_ADAPTIVE_GRID} samples per bin side "
+                         f"(<= 0 for adaptive), got {sampling_ratio}")
     spatial_scale = float(spatial_scale)
     if not (spatial_scale > 0 and spatial_scale < float("inf")):
         raise ValueError(f"roi_align3d: spatial_scale must be a positive finite number, got {spatial_scale}")
     rois = convert_boxes_to_rois(boxes, input)
     if rois.size(0) > 0 and (input.size(3) == 0 or input.size(4) == 0):
         raise ValueError(f"roi_align3d: input height and width must be positive, got {tuple(input.shape)}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _has_data(rois):
         _check_values(rois, input, ph, pw, spatial_scale, sampling_ratio, bool(aligned))
     return torch.ops.stssa.roi_align3d(input, rois, spatial_scale, ph, pw, sampling_ratio, bool(aligned))
 

@@ -457,6 +457,7 @@ class _Plan:
     oc: list
     ks: list
     small: bool            # CPU problem under CPU_SMALL_MACS
+    empty: bool            # x has no elements (B, C, T, H or W is 0): no backend runs
     y_strides: tuple       # contiguous strides of Y [B, T, H, W, sum N]
     dx_strides: tuple      # channels_last_3d strides of x's shape
     groups: tuple          # the conv backends' library calls (_plan_groups); () for the others
@@ -481,7 +482,7 @@ def _plan(x: Tensor, weights: Sequence[Tensor], name: str) -> _Plan:
         macs = B * T * H * W * C * sum(n * k for n, k in zip(oc, ks))
         backend = select(x, oc, ks).backend
         groups = _plan_groups(oc, ks, backend == "conv_kt") if backend in ("conv", "conv_kt") else ()
-        plan = _Plan(backend, oc, ks, dev.type == "cpu" and macs < CPU_SMALL_MACS,
+        plan = _Plan(backend, oc, ks, dev.type == "cpu" and macs < CPU_SMALL_MACS, x.numel() == 0,
                      _contiguous_strides((B, T, H, W, sum(oc))), _cl3d_strides(x.shape), groups)
         if sig is not None:
             DISPATCH.plans[sig] = plan
@@ -491,6 +492,11 @@ def _plan(x: Tensor, weights: Sequence[Tensor], name: str) -> _Plan:
 def _forward_kernel(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tensor:
     plan = _plan(x, weights, "stssa::temporal_proj")
     backend, oc, ks = plan.backend, plan.oc, plan.ks
+    if plan.empty:  # conv3d rejects T = 0 (padded T < kt) and H/W = 0, and drops the outputs for C = 0
+        B, C, T, H, W = x.shape
+        y = torch.zeros((B, T, H, W, sum(oc)), dtype=x.dtype, device=x.device)  # Y = bias when C = 0
+        bp = pack_biases(biases, weights)
+        return y if bp is None else y.add_(bp)
     if backend in ("conv", "conv_kt"):
         y = _fwd_conv(x, weights, biases, oc, plan.groups, plan.small)
     else:
@@ -520,7 +526,10 @@ def _backward_kernel(grad_y: Tensor, x: Tensor, weights: List[Tensor], output_ma
     dense = all(st != 0 or sz == 1 for st, sz in zip(grad_y.stride(), grad_y.shape))
     dy = grad_y if conv and dense else _exact(grad_y, plan.y_strides)
     dx, dws = None, None
-    if need_dx or need_dw:
+    if plan.empty:  # nothing flowed through: x's gradient is empty, the weights' are zero
+        dx = torch.empty_strided(x.shape, plan.dx_strides, dtype=x.dtype, device=x.device)
+        dws = [torch.zeros(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    elif need_dx or need_dw:
         if conv:
             dx, dws = _bwd_conv(dy, x, weights, oc, ks, need_dx, need_dw, plan.groups, plan.small)
         else:
