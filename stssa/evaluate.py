@@ -13,7 +13,8 @@ Protocol (each step as the official code does it):
 5. Every row is one object of its class: a ground-truth person with three actions is three objects, each
    matched only by detections of its own class.
 6. Per keyframe and class, detections in descending score order each pick the ground-truth box of that
-   class with the highest IoU (the first one on a tie). The detection is a true positive when that IoU is
+   class with the highest IoU (on a tie, the first in the official reader's per-keyframe order: its heap of
+   ``(1.0, action_id, y1, x1, y2, x2)`` tuples, which is not file order). The detection is a true positive when that IoU is
    ``>= 0.5`` and the box is not taken yet; otherwise it is a false positive (there is no second choice).
    Detections on keyframes without ground truth are false positives.
 7. Per class, Pascal VOC all-points AP (precision made monotone from the right, summed over recall steps).
@@ -21,9 +22,10 @@ Protocol (each step as the official code does it):
    ground truth (the official ``nanmean``).
 
 Ties. The official code orders equal scores by ``np.argsort`` (an unstable quicksort) and a heap, so its
-result on ties is an accident of implementation. Here ties are broken by input order (earlier row first),
-everywhere: in the per-keyframe cap, in matching and in the precision/recall ranking; this is the stable
-``sort(-score)`` of the Pascal VOC devkit. Results differ from the official script only when scores tie.
+result on score ties is an accident of implementation. Here score ties are broken by input order (earlier
+row first), everywhere: in the per-keyframe cap, in matching and in the precision/recall ranking; this is
+the stable ``sort(-score)`` of the Pascal VOC devkit. Equal IoUs with two ground-truth boxes are broken as
+the official code breaks them (step 6). Results differ from the official script only when scores tie.
 
 Because a detection's choice of ground-truth box (step 6) does not depend on earlier matches, the greedy
 matching reduces to "for each ground-truth box, the first detection in score order that chose it with
@@ -34,6 +36,7 @@ detection rows take about 10 s on a 2-core CPU, two thirds of it CSV parsing.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import os
@@ -83,6 +86,9 @@ def _read_table(src, detections: bool) -> _Rows:
         bad = ~np.isfinite(box).all(axis=1)
         if bad.any():
             raise _fail(src, int(lines[np.flatnonzero(bad)[0]]), "box coordinates must be finite")
+        bad = _inverted(box) if not detections else bad
+        if bad.any():
+            raise _fail(src, int(lines[np.flatnonzero(bad)[0]]), _INVERTED)
         return _Rows(cols[0], ts, box, cls, score)
     # In-memory rows: (video_id, timestamp, x1, y1, x2, y2, action_id[, score or person_id]).
     rows = list(src)
@@ -93,7 +99,7 @@ def _read_table(src, detections: bool) -> _Rows:
                              f"action_id{', score' if detections else ''}), got {len(r)}: {r!r}")
         try:
             video.append(str(r[0]))
-            ts.append(int(r[1]))
+            ts.append(_timestamp(r[1]))
             box.append([float(r[2]), float(r[3]), float(r[4]), float(r[5])])
             cls.append(int(r[6]))
             score.append(float(r[7]) if detections and len(r) == 8 else 1.0)
@@ -105,7 +111,29 @@ def _read_table(src, detections: bool) -> _Rows:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{what} row {i}: box and score must be finite: {rows[i]!r}")
+    bad = _inverted(box_a) if not detections else bad
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what} row {i}: {_INVERTED}: {rows[i]!r}")
     return _Rows(video, np.array(ts, dtype=np.int64), box_a, np.array(cls, dtype=np.int64), score_a)
+
+
+# The official code builds a BoxList of the ground truth, which refuses such a box ("Invalid box data").
+_INVERTED = "ground-truth box must satisfy x1 <= x2 and y1 <= y2"
+
+
+def _inverted(box: np.ndarray) -> np.ndarray:
+    return (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
+
+
+def _timestamp(t) -> int:
+    """A keyframe second: an integer, or text of one (``"0902"``); ``902.5`` is an error, not 902."""
+    if isinstance(t, str):
+        return int(t)
+    f = float(t)
+    if not f.is_integer():
+        raise ValueError(f"timestamp must be a whole second, got {t!r}")
+    return int(f)
 
 
 def _read_excluded(src) -> tuple[list[str], np.ndarray]:
@@ -122,8 +150,27 @@ def _read_excluded(src) -> tuple[list[str], np.ndarray]:
         else:
             v, t = p
         out_v.append(str(v))
-        out_t.append(int(t))
+        try:
+            out_t.append(_timestamp(t))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"excluded keyframe {p!r}: {e}") from None
     return out_v, np.array(out_t, dtype=np.int64)
+
+
+def _official_gt_order(key: np.ndarray, action: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Each ground-truth row's position in its keyframe's box list as the official reader builds it: rows
+    pushed in file order onto a per-keyframe heap of ``(1.0, action_id, y1, x1, y2, x2)`` and the heap's
+    array read as is (its stable sort by score changes nothing, all scores being 1). A detection whose IoU
+    ties between two boxes of its class takes the first in this order (``np.argmax``)."""
+    heaps: dict[int, list] = {}
+    for i, (k, a, (x1, y1, x2, y2)) in enumerate(zip(key.tolist(), action.tolist(), box.tolist())):
+        # i breaks no tie heapq would break: equal tuples never swap, and a later push has a larger i
+        heapq.heappush(heaps.setdefault(k, []), (1.0, a, y1, x1, y2, x2, i))
+    pos = np.empty(len(key), np.int64)
+    for h in heaps.values():
+        for j, item in enumerate(h):
+            pos[item[-1]] = j
+    return pos
 
 
 def _keyframe_codes(videos: list[list[str]], stamps: list[np.ndarray]) -> list[np.ndarray]:
@@ -215,6 +262,7 @@ def evaluate_frame_map(labelmap, groundtruth, detections, excluded=None, *, iou_
     g_ci, g_in = class_index(gt.cls)
     g_keep = g_in & ~np.isin(g_key, e_key)
     g_key, g_ci, g_box = g_key[g_keep], g_ci[g_keep], gt.box[g_keep]
+    g_pos = _official_gt_order(g_key, gt.cls[g_keep], g_box)
     num_gt = np.bincount(g_ci, minlength=nc)
     if not num_gt.any():
         raise ValueError("evaluate_frame_map: no ground-truth row of a label-map class is left after exclusions; "
@@ -240,7 +288,7 @@ def evaluate_frame_map(labelmap, groundtruth, detections, excluded=None, *, iou_
 
     # Candidate (detection, gt) pairs: the gt boxes of the same keyframe and class.
     g_group = g_key * nc + g_ci
-    g_sort = np.lexsort((np.arange(len(g_group)), g_group))  # group, then input order (argmax tie rule)
+    g_sort = np.lexsort((g_pos, g_group))  # group, then the official reader's order (argmax tie rule)
     g_group_s = g_group[g_sort]
     d_group = dk * nc + dc
     lo = np.searchsorted(g_group_s, d_group, "left")
@@ -308,6 +356,10 @@ def write_detections_csv(path, rows) -> int:
                              f"y2, action_id, score), got {len(r)}")
         v, t, x1, y1, x2, y2, a, s = r
         v = str(v)
+        try:
+            t = _timestamp(t)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"write_detections_csv: row {i}: {e}") from None
         if "," in v or "\n" in v:
             raise ValueError(f"write_detections_csv: row {i}: video_id {v!r} contains a comma or newline")
         s = float(s)

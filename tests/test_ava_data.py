@@ -129,6 +129,30 @@ def test_read_proposals_pickle_and_csv(tmp_path):
         read_proposals(tmp_path / "bad.csv")
 
 
+def test_text_files_bom_encoding_and_suffix(tmp_path):
+    """A UTF-8 byte-order mark (spreadsheet exports) is not part of the first video id; text that is not
+    UTF-8 is an error naming the file; a '.PKL' suffix is a pickle."""
+    (tmp_path / "ex.csv").write_bytes("\ufeffvidA,0902\nvidB,0903\n".encode("utf-8"))
+    assert read_exclusions(tmp_path / "ex.csv") == {("vidA", 902), ("vidB", 903)}
+    (tmp_path / "ann.csv").write_bytes("\ufeffvidA,0902,0.1,0.1,0.5,0.5,12,0\n".encode("utf-8"))
+    assert list(read_annotations(tmp_path / "ann.csv")) == [("vidA", 902)]
+    (tmp_path / "m.pbtxt").write_bytes('\ufeffitem { name: "a" id: 3 }\n'.encode("utf-8"))
+    assert read_labelmap(tmp_path / "m.pbtxt") == ({3: "a"}, {3})
+    (tmp_path / "latin1.csv").write_bytes("vid\xe9,0902,0.1,0.1,0.5,0.5,12,0\n".encode("latin-1"))
+    with pytest.raises(AVAFormatError, match=r"latin1\.csv: not UTF-8 text"):
+        read_annotations(tmp_path / "latin1.csv")
+    (tmp_path / "m2.pbtxt").write_bytes('item { name: "caf\xe9" id: 3 }\n'.encode("latin-1"))
+    with pytest.raises(AVAFormatError, match=r"m2\.pbtxt: not UTF-8 text"):
+        read_labelmap(tmp_path / "m2.pbtxt")
+    with open(tmp_path / "p.PKL", "wb") as f:
+        pickle.dump({"v,0902": np.array([[0.1, 0.1, 0.5, 0.9, 0.95]])}, f)
+    assert list(read_proposals(tmp_path / "p.PKL")) == [("v", 902)]
+    with open(tmp_path / "ragged.pkl", "wb") as f:
+        pickle.dump({"v,0902": [[0.1, 0.1, 0.5, 0.9, 0.95], [0.1]]}, f)
+    with pytest.raises(AVAFormatError, match=r"ragged\.pkl: proposals for key 'v,0902' are not a numeric"):
+        read_proposals(tmp_path / "ragged.pkl")
+
+
 # --------------------------------------------------------------------------------------- clip sampling
 def test_clip_frame_indices_centred_and_clamped():
     np.testing.assert_array_equal(clip_frame_indices(60, 4, 2, 390), [56, 58, 60, 62])
@@ -144,6 +168,19 @@ def test_count_frames(tmp_path):
     assert count_frames(tmp_path, "v") == 37
     assert count_frames(tmp_path, "w") == 0
     assert count_frames(tmp_path, "v", "{video_id}/{video_id}_{frame:06d}.jpg", frame_start=0) == 0
+    (tmp_path / "v" / "v_000017.jpg").unlink()  # a gap where the search probes: it stops there ...
+    assert count_frames(tmp_path, "v") == 16
+    assert count_frames(tmp_path, "v", start=20) == 37  # ... and counting from a frame past it goes on
+
+
+def test_frame_pattern_must_name_both_fields(synth):
+    """Without {frame} every index names one file (the frame count would never end); a wrong field name
+    is an error naming frame_pattern, not a bare KeyError."""
+    for pattern, match in (("{video_id}/{video_id}_000001.jpg", "must use both"),
+                           ("{video_id}/{video_id}_{index:06d}.jpg", r"fields \{video_id\} and \{frame\} only"),
+                           ("{frame:06d}.jpg", "must use both")):
+        with pytest.raises(ValueError, match=rf"frame_pattern .*{match}"):
+            AVADataset(synth["frames"], synth["train_csv"], synth["labelmap"], "val", frame_pattern=pattern)
 
 
 # -------------------------------------------------------------------------------------------- dataset
@@ -312,6 +349,58 @@ def test_errors_name_file_and_line(synth, tmp_path):
     ann.write_text(rows[0].replace(",0902,", ",0999,") + "\n")
     with pytest.raises(FileNotFoundError, match=r"ann\.csv:1: keyframe .*,0999 is frame index 2970, outside video"):
         AVADataset(frames, ann, synth["labelmap"], "val")
+
+
+def test_a_lost_frame_fails_only_the_clips_that_need_it(synth, tmp_path):
+    """One missing frame file (a gap in the numbering) does not make the video's later keyframes
+    'outside the video': the dataset builds, clips that do not need the lost frame load, and one that
+    does fails alone, naming the lost file."""
+    frames = Path(synth["frames"])
+    vid = sorted(p.name for p in frames.iterdir())[0]
+    (tmp_path / vid).mkdir()
+    for p in (frames / vid).iterdir():
+        (tmp_path / vid / p.name).write_bytes(p.read_bytes())
+    common = dict(num_frames=4, sampling_rate=4, crop_size=48)
+    ds0 = AVADataset(frames, synth["train_csv"], synth["labelmap"], "val", **common)
+    mine = [i for i, (v, _) in enumerate(ds0.keyframes) if v == vid]
+    assert ds0.frame_indices(mine[0]).tolist() == [52, 56, 60, 64]  # keyframe 902 s
+    # 32 (no clip needs it) and 64 (the first clip's last frame) are where the frame count's search looks:
+    # without the gap probe it would stop at 32 and then at 64, and clamp that clip to frame 63
+    for lost in (32, 64):
+        (tmp_path / vid / f"{vid}_{lost + 1:06d}.jpg").unlink()
+        ds = AVADataset(tmp_path, synth["train_csv"], synth["labelmap"], "val", **common)
+        assert ds.keyframes == ds0.keyframes and ds.video_lengths[vid] == ds0.video_lengths[vid]
+        for i in mine:
+            if lost in ds.frame_indices(i).tolist():
+                with pytest.raises(FileNotFoundError, match=rf"missing frame .*{vid}_{lost + 1:06d}\.jpg"):
+                    ds[i]
+            else:
+                assert torch.equal(ds[i]["clip"], ds0[i]["clip"])
+
+
+def test_in_memory_arguments_are_checked(synth):
+    """Proposals, exclusions and label maps given as Python objects get the checks of their file forms."""
+    common = dict(num_frames=2, sampling_rate=1, crop_size=24)
+    props = read_proposals(synth["val_proposals_pkl"], 0.0)
+    key = next(k for k, v in props.items() if len(v))
+    raw = {f"{k[0]},{k[1]:04d}": v.astype(np.float64) for k, v in props.items()}
+    for bad, match in ((raw[f"{key[0]},{key[1]:04d}"][:, :4], "must be an N x 5 array"),
+                       (np.array([[0.5, 0.1, 0.2, 0.9, 0.9]]), "non-finite or inverted box"),
+                       (np.array([[0.1, np.nan, 0.2, 0.9, 0.9]]), "non-finite or inverted box")):
+        with pytest.raises(AVAFormatError, match=rf"<proposals dict>: proposals for key .*{match}"):
+            AVADataset(synth["frames"], None, synth["labelmap_eval"], "val",
+                       proposals={**raw, f"{key[0]},{key[1]:04d}": bad}, **common)
+    # unsorted, out-of-range rows are sorted and clipped as read_proposals does
+    shuffled = {k: (v[::-1] * np.array([1, 1, 1.2, 1, 1])) for k, v in raw.items()}
+    ds = AVADataset(synth["frames"], None, synth["labelmap_eval"], "val", proposals=shuffled,
+                    proposal_threshold=0.0, **common)
+    for i in range(len(ds)):
+        sc = ds.items[i][4]
+        assert (np.diff(sc) <= 0).all() and ds.items[i][2].max() <= 1.0
+    with pytest.raises(ValueError, match="exclusions must be a CSV path or a set of"):
+        AVADataset(synth["frames"], synth["val_csv"], synth["labelmap"], "val", exclusions={"vid,0902"}, **common)
+    with pytest.raises(ValueError, match="labelmap must be a label-map path"):
+        AVADataset(synth["frames"], synth["val_csv"], 80, "val", **common)
 
 
 def test_dataloader_with_workers_and_collate(synth):

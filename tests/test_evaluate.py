@@ -3,6 +3,7 @@ protocol's corner cases, a plain-Python port of the official algorithm, and the 
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import subprocess
@@ -51,12 +52,14 @@ def _iou(a, b):
 
 def reference_frame_map(class_ids, gt_rows, det_rows, excluded=(), cap=50, thr=0.5):
     """Loop-for-loop port of get_ava_performance.py + the TF object-detection per-image evaluation,
-    with ties ordered by input row (the stable order stssa.evaluate documents)."""
+    with score ties ordered by input row (the stable order stssa.evaluate documents)."""
     ids, excluded = set(class_ids), {(v, int(t)) for v, t in excluded}
-    gts = defaultdict(list)
+    heaps = defaultdict(list)  # the official reader: a heap of (score 1.0, action, y1, x1, y2, x2) per keyframe
     for r in gt_rows:
         if int(r[6]) in ids and (r[0], int(r[1])) not in excluded:
-            gts[(r[0], int(r[1]))].append((int(r[6]), tuple(map(float, r[2:6]))))
+            x1, y1, x2, y2 = map(float, r[2:6])
+            heapq.heappush(heaps[(r[0], int(r[1]))], (1.0, int(r[6]), y1, x1, y2, x2))
+    gts = {k: [(c, (x1, y1, x2, y2)) for _, c, y1, x1, y2, x2 in h] for k, h in heaps.items()}
     dets = defaultdict(list)
     for i, r in enumerate(det_rows):
         if int(r[6]) in ids:
@@ -219,6 +222,53 @@ def test_ties_follow_input_order():
     assert evaluate_frame_map(LM, g, fps + [det(A, BOX1, 12, 0.5), det(A, FAR, 12, 0.5)])["mAP"] == \
         pytest.approx(1 / 50, abs=1e-12)
     assert evaluate_frame_map(LM, g, fps + [det(A, FAR, 12, 0.5), det(A, BOX1, 12, 0.5)])["mAP"] == 0.0
+
+
+def test_iou_ties_follow_the_official_reader_order():
+    """A detection at equal IoU with two ground-truth boxes of its class takes the first in the official
+    reader's per-keyframe heap order, not file order: here the second row (smaller y1) sits at the heap's
+    root. File order would match the 0.9 detection to the first box and leave the 0.8 one, which repeats
+    that box, a false positive (mAP 0.5)."""
+    first, second = (0.0, 0.5, 1.0, 1.0), (0.0, 0.25, 1.0, 0.75)
+    tie = (0.0, 0.375, 1.0, 0.875)  # IoU 0.6 with both
+    g = [gt(A, first, 12), gt(A, second, 12, 1)]
+    d = [det(A, tie, 12, 0.9), det(A, first, 12, 0.8)]
+    assert evaluate_frame_map(LM, g, d)["mAP"] == 1.0
+    assert reference_frame_map(LM, g, d)[0] == 1.0
+    # rows of other classes or keyframes between them do not change the order within the class
+    g3 = [gt(A, first, 12), gt(B, first, 12), gt(A, BOX2, 14), gt(A, second, 12, 1)]
+    assert evaluate_frame_map(LM, g3, d)["per_class"][12]["ap"] == pytest.approx(2 / 3, abs=1e-12)
+    assert reference_frame_map(LM, g3, d)[1][12] == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_timestamps_must_be_whole_seconds(tmp_path):
+    """902.5 is an error everywhere, not keyframe 902 (the CSV reader already refuses '902.5')."""
+    from fractions import Fraction
+
+    g, d = [gt(A, BOX1, 12)], [det(A, BOX1, 12, 0.9)]
+    for t in (Fraction(902), np.int64(902), 902.0, "0902"):
+        assert evaluate_frame_map(LM, [("vidA0000000", t, *BOX1, 12, 0)], d)["mAP"] == 1.0
+    with pytest.raises(ValueError, match=r"ground truth row 0: timestamp must be a whole second, got 902\.5"):
+        evaluate_frame_map(LM, [("vidA0000000", 902.5, *BOX1, 12, 0)], d)
+    with pytest.raises(ValueError, match=r"detections row 0: timestamp must be a whole second, got Fraction"):
+        evaluate_frame_map(LM, g, [("vidA0000000", Fraction(1805, 2), *BOX1, 12, 0.9)])
+    with pytest.raises(ValueError, match=r"excluded keyframe .*whole second"):
+        evaluate_frame_map(LM, g, d, excluded=[("vidA0000000", 902.5)])
+    with pytest.raises(ValueError, match=r"write_detections_csv: row 0: timestamp must be a whole second"):
+        write_detections_csv(tmp_path / "d.csv", [("v", 902.5, *BOX1, 12, 0.9)])
+
+
+def test_inverted_ground_truth_box_is_an_error(tmp_path):
+    """The official code refuses such a box (its BoxList check); a zero-size one is accepted."""
+    d = [det(A, BOX1, 12, 0.9)]
+    with pytest.raises(ValueError, match=r"ground truth row 1: ground-truth box must satisfy x1 <= x2"):
+        evaluate_frame_map(LM, [gt(A, BOX1, 12), gt(A, (0.5, 0.1, 0.1, 0.5), 12)], d)
+    f = tmp_path / "gt.csv"
+    f.write_text("vidA0000000,0902,0.1,0.1,0.4,0.9,12,0\nvidA0000000,0902,0.1,0.5,0.4,0.2,12,1\n")
+    with pytest.raises(AVAFormatError, match=r"gt\.csv:2: ground-truth box must satisfy"):
+        evaluate_frame_map(LM, f, d)
+    res = evaluate_frame_map(LM, [gt(A, BOX1, 12), gt(A, (0.5, 0.1, 0.5, 0.5), 12, 1)], d)
+    assert res["per_class"][12]["num_gt"] == 2 and res["mAP"] == pytest.approx(0.5, abs=1e-12)
 
 
 def test_classes_without_gt_and_outside_labelmap():

@@ -278,3 +278,43 @@ def test_synthetic_mp4s_give_the_frame_folders_back(tmp_path):
     assert synthetic_main(["--out", str(tmp_path / "cli"), "--videos", "2", "--seconds", "1", "--height", "32",
                            "--width", "48", "--videos-format", "mp4", "--quiet"]) == 0
     assert len(list((tmp_path / "cli" / "videos").glob("*.mp4"))) == 2
+
+
+def test_audio_longer_than_the_video_is_not_truncation(tmp_path):
+    """Matroska has no per-stream duration field: the video's own comes from its DURATION tag, not from
+    the file's duration, which covers the longest stream (here 8 s of audio after 4 s of video)."""
+    path = tmp_path / "av.mkv"
+    c = av.open(str(path), "w")
+    vs = c.add_stream("libx264", rate=25)
+    vs.width, vs.height, vs.pix_fmt, vs.time_base = W, H, "yuv420p", Fraction(1, 25)
+    au = c.add_stream("aac", rate=48000)
+    for i in range(100):
+        f = av.VideoFrame.from_ndarray(code_frame(i), format="rgb24")
+        f.pts = i
+        for p in vs.encode(f):
+            c.mux(p)
+    for p in vs.encode():
+        c.mux(p)
+    n, fs = 0, au.codec_context.frame_size or 1024
+    while n < 8 * 48000:
+        a = av.AudioFrame.from_ndarray(np.zeros((1, fs), np.float32), format="fltp", layout="mono")
+        a.sample_rate, a.pts = 48000, n
+        for p in au.encode(a):
+            c.mux(p)
+        n += fs
+    for p in au.encode():
+        c.mux(p)
+    c.close()
+    info = probe_video(path)
+    assert info.duration == pytest.approx(4.0) and info.duration_of_stream
+    res = extract_video(path, tmp_path / "out", fps=30, start=0, end=None)
+    assert res["status"] == "done" and res["frames"] == 120
+    assert _codes(tmp_path / "out", "av")[-1] == 99
+
+
+@pytest.mark.parametrize("args, match", [(["--end", "abc"], "argument --end: a number of seconds or 'none'"),
+                                         (["--end", "2", "--max-gap", "-1"], "--max-gap >= 0")])
+def test_frames_cli_argument_errors(tmp_path, v25, capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        frames_main(["--videos", str(v25), "--out", str(tmp_path / "o"), "--start", "0", *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err

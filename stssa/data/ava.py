@@ -44,7 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from stssa.data.formats import _as_labelmap, _parse_key, read_annotations, read_exclusions, read_proposals
+from stssa.data.formats import _as_labelmap, proposals_from_dict, read_annotations, read_exclusions, read_proposals
 from stssa.data.transforms import TestTransform, TrainTransform
 
 __all__ = ["AVADataset", "ava_collate", "FrameReadError", "DEFAULT_FRAME_PATTERN", "keyframe_index",
@@ -77,16 +77,38 @@ def frame_path(frame_root, video_id: str, index: int, pattern: str = DEFAULT_FRA
     return os.path.join(frame_root, pattern.format(video_id=video_id, frame=index + frame_start))
 
 
-def count_frames(frame_root, video_id: str, pattern: str = DEFAULT_FRAME_PATTERN, frame_start: int = 1) -> int:
+def _check_frame_pattern(pattern: str) -> None:
+    """A pattern must name both fields (without ``{frame}`` every index maps to one file)."""
+    try:
+        a, b = pattern.format(video_id="v", frame=1), pattern.format(video_id="v", frame=2)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ValueError(f"AVADataset: frame_pattern {pattern!r} must use the fields {{video_id}} and {{frame}} "
+                         f"only ({type(e).__name__}: {e})") from None
+    if a == b or "{video_id" not in pattern:
+        raise ValueError(f"AVADataset: frame_pattern {pattern!r} must use both {{video_id}} and {{frame}}, "
+                         f"e.g. {DEFAULT_FRAME_PATTERN!r}")
+
+
+#: More frames than any video has (an hour at 30 fps is 108000): the galloping search stops there.
+MAX_FRAMES = 1 << 30
+
+
+def count_frames(frame_root, video_id: str, pattern: str = DEFAULT_FRAME_PATTERN, frame_start: int = 1,
+                 start: int = 0) -> int:
     """Number of consecutive frames ``0, 1, ...`` present (0 if the first is missing), by galloping and
-    binary search on file existence: about ``2 log2(n)`` ``stat`` calls instead of listing the folder."""
+    binary search on file existence: about ``2 log2(n)`` ``stat`` calls instead of listing the folder.
+    With ``start`` (an index that exists): the first missing index after it, i.e. the count of frames
+    when the only gaps lie before ``start``."""
     def exists(i):
         return os.path.exists(frame_path(frame_root, video_id, i, pattern, frame_start))
 
-    if not exists(0):
-        return 0
-    lo, hi = 0, 1  # invariant: lo exists
+    if not exists(start):
+        return 0 if start == 0 else start
+    lo, hi = start, 2 * start + 1  # invariant: lo exists
     while exists(hi):
+        if hi >= MAX_FRAMES:
+            raise ValueError(f"count_frames: {frame_path(frame_root, video_id, hi, pattern, frame_start)} exists: "
+                             f"the pattern {pattern!r} names one file for every frame index")
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # lo exists, hi missing
         mid = (lo + hi) // 2
@@ -139,6 +161,7 @@ class AVADataset(Dataset):
                  video_lengths: dict[str, int] | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"AVADataset: split must be 'train' or 'val', got {split!r}")
+        _check_frame_pattern(frame_pattern)
         if num_frames < 1 or sampling_rate < 1:
             raise ValueError(f"AVADataset: num_frames and sampling_rate must be >= 1, got {num_frames}, "
                              f"{sampling_rate}")
@@ -166,20 +189,22 @@ class AVADataset(Dataset):
             self.transform = TestTransform(test_short_side or crop_size, mean, std)
 
         excluded = set()
-        if exclusions is not None:
-            excluded = read_exclusions(exclusions) if isinstance(exclusions, (str, os.PathLike)) else \
-                {(str(v), int(t)) for v, t in exclusions}
+        if isinstance(exclusions, (str, os.PathLike)):
+            excluded = read_exclusions(exclusions)
+        elif exclusions is not None:
+            try:
+                excluded = {(str(v), int(t)) for v, t in exclusions}
+            except (TypeError, ValueError):
+                raise ValueError(f"AVADataset: exclusions must be a CSV path or a set of (video_id, timestamp) "
+                                 f"pairs, got {exclusions!r:.80}") from None
         gt = read_annotations(annotation_csv, class_ids) if annotation_csv is not None else {}
         props, props_src = None, None
         if proposals is not None:
             if isinstance(proposals, (str, os.PathLike)):
                 props, props_src = read_proposals(proposals, proposal_threshold), str(proposals)
-            else:
+            else:  # read_proposals' {(video_id, ts): [N, 5]} or the raw pickle's {"video_id,0902": [N, 5]}
                 props_src = "<proposals dict>"
-                # read_proposals' {(video_id, ts): [N, 5]} or the raw pickle's {"video_id,0902": [N, 5]}.
-                props = {_parse_key(props_src, k): np.asarray(v, np.float32).reshape(-1, 5)
-                         for k, v in proposals.items()}
-                props = {k: v[v[:, 4] >= proposal_threshold] for k, v in props.items()}
+                props = proposals_from_dict(proposals, proposal_threshold, props_src)
 
         # Each item: (video_id, timestamp, norm boxes [L,4], label-id tuples, scores [L], source "file:line").
         self.items: list[tuple] = []
@@ -212,6 +237,7 @@ class AVADataset(Dataset):
 
         # Frame counts per video; an unknown video is reported at the first line that names it.
         self.video_lengths: dict[str, int] = dict(video_lengths or {})
+        given = set(self.video_lengths)
         for vid, ts, _, _, _, src in self.items:
             if vid not in self.video_lengths:
                 n = count_frames(self.frame_root, vid, frame_pattern, frame_start)
@@ -219,13 +245,35 @@ class AVADataset(Dataset):
                     raise FileNotFoundError(
                         f"{src}: unknown video {vid!r}: its first frame "
                         f"{frame_path(self.frame_root, vid, 0, frame_pattern, frame_start)} does not exist")
-                self.video_lengths[vid] = n
+                self.video_lengths[vid] = self._past_gaps(vid, n)
             c = keyframe_index(ts, fps, video_start_sec)
+            last = c + (self.num_frames - 1 - self.num_frames // 2) * self.sampling_rate  # the clip's last frame
+            for probe in (last, c):
+                if probe >= self.video_lengths[vid] and vid not in given and \
+                        os.path.exists(frame_path(self.frame_root, vid, probe, frame_pattern, frame_start)):
+                    # the count stopped at a gap (a lost file) before frames this clip needs: count on from
+                    # there; a clip that needs a missing frame then fails alone, naming it, when loaded
+                    self.video_lengths[vid] = self._past_gaps(
+                        vid, count_frames(self.frame_root, vid, frame_pattern, frame_start, start=probe))
+                    break
             if not 0 <= c < self.video_lengths[vid]:
                 raise FileNotFoundError(
                     f"{src}: keyframe {vid},{ts:04d} is frame index {c}, outside video {vid!r} which "
                     f"has frames 0..{self.video_lengths[vid] - 1} "
                     f"({frame_path(self.frame_root, vid, max(c, 0), frame_pattern, frame_start)} missing)")
+
+    #: Frames looked at past where a count stops: a gap this short (lost files) is not the video's end.
+    GAP_PROBE = 64
+
+    def _past_gaps(self, vid: str, n: int) -> int:
+        """The frame count ``n`` extended past gaps of up to ``GAP_PROBE`` missing files: a clip near a lost
+        file must fail naming it, not be clamped to the frame before it as if the video ended there."""
+        while True:
+            nxt = next((n + j for j in range(1, self.GAP_PROBE + 1) if os.path.exists(
+                frame_path(self.frame_root, vid, n + j, self.frame_pattern, self.frame_start))), None)
+            if nxt is None:
+                return n
+            n = count_frames(self.frame_root, vid, self.frame_pattern, self.frame_start, start=nxt)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -36,7 +36,7 @@ import numpy as np
 
 __all__ = [
     "AVAFormatError", "AVABox", "make_image_key", "read_labelmap", "read_annotations", "read_exclusions",
-    "read_proposals", "read_csv_columns",
+    "read_proposals", "proposals_from_dict", "read_csv_columns",
 ]
 
 
@@ -63,6 +63,16 @@ def _fail(path, line, msg) -> AVAFormatError:
     return AVAFormatError(f"{path}:{line}: {msg}")
 
 
+def _read_text(path) -> str:
+    """The file as text: UTF-8, a leading byte-order mark dropped (spreadsheet exports write one, which
+    would otherwise become part of the first video id), universal newlines."""
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise AVAFormatError(f"{path}: not UTF-8 text (a compressed or binary file?): {e}") from None
+
+
 # --------------------------------------------------------------------------------------------- label map
 _TOKEN = re.compile(
     r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<open>\{)|(?P<close>\})'
@@ -84,7 +94,7 @@ def read_labelmap(path) -> tuple[dict[int, str], set[int]]:
     Raises:
         AVAFormatError: unparseable text, an entry without name or id, a repeated id.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    text = _read_text(path)
     names: dict[int, str] = {}
     pos, line = 0, 1
     entry = None  # (start line, fields) of the open block
@@ -139,10 +149,14 @@ def _as_labelmap(labelmap) -> tuple[dict[int, str], set[int]]:
     if isinstance(labelmap, (str, os.PathLike)):
         return read_labelmap(labelmap)
     if isinstance(labelmap, tuple) and len(labelmap) == 2 and isinstance(labelmap[0], dict):
-        return dict(labelmap[0]), set(labelmap[0])
-    if isinstance(labelmap, dict):
-        return {int(k): str(v) for k, v in labelmap.items()}, {int(k) for k in labelmap}
-    ids = sorted({int(i) for i in labelmap})
+        labelmap = labelmap[0]
+    try:
+        if isinstance(labelmap, dict):
+            return {int(k): str(v) for k, v in labelmap.items()}, {int(k) for k in labelmap}
+        ids = sorted({int(i) for i in labelmap})
+    except (TypeError, ValueError):
+        raise ValueError(f"labelmap must be a label-map path, {{id: name}}, read_labelmap's (names, ids) or an "
+                         f"iterable of integer ids, got {labelmap!r:.80}") from None
     return {i: str(i) for i in ids}, set(ids)
 
 
@@ -166,8 +180,7 @@ def read_csv_columns(path, ncols: Iterable[int], names: str = "columns"
     """
     allowed = sorted(set(ncols))
     width = allowed[-1]
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        text = f.read()
+    text = _read_text(path)
     has_space = " " in text or "\t" in text  # strip fields only when needed (it is a third of the time)
     lines = text.splitlines()
     del text
@@ -308,25 +321,13 @@ def read_proposals(path, score_threshold: float = 0.0) -> dict[tuple[str, int], 
     """
     path = Path(path)
     out: dict[tuple[str, int], np.ndarray] = {}
-    if path.suffix in (".pkl", ".pickle"):
+    if path.suffix.lower() in (".pkl", ".pickle"):
         with open(path, "rb") as f:
             try:
                 data = pickle.load(f)
             except Exception as e:  # pickle raises many types for a corrupt file
                 raise AVAFormatError(f"{path}: cannot unpickle proposals: {e}") from e
-        if not isinstance(data, dict):
-            raise AVAFormatError(f"{path}: expected a dict of proposals, got {type(data).__name__}")
-        for key, arr in data.items():
-            k = _parse_key(path, key)
-            a = np.asarray(arr, dtype=np.float64)
-            if a.size == 0:
-                a = a.reshape(0, 5)
-            if a.ndim != 2 or a.shape[1] != 5:
-                raise AVAFormatError(f"{path}: proposals for key {key!r} must be an N x 5 array "
-                                     f"[x1, y1, x2, y2, score], got shape {a.shape}")
-            if not np.isfinite(a).all() or (a[:, 2] < a[:, 0]).any() or (a[:, 3] < a[:, 1]).any():
-                raise AVAFormatError(f"{path}: proposals for key {key!r} hold a non-finite or inverted box")
-            out[k] = a
+        return proposals_from_dict(data, score_threshold, path)
     else:
         cols, lines, counts = read_csv_columns(path, (7, 8),
                                                "columns (video_id,timestamp,x1,y1,x2,y2[,action_id],score)")
@@ -345,6 +346,35 @@ def read_proposals(path, score_threshold: float = 0.0) -> dict[tuple[str, int], 
             per_key[b] = max(per_key.get(b, -np.inf), float(scores[i]))
         for k, d in best.items():
             out[k] = np.array([list(b) + [s] for b, s in d.items()], dtype=np.float64).reshape(-1, 5)
+    return _threshold_sort_clip(out, score_threshold)
+
+
+def proposals_from_dict(data, score_threshold: float = 0.0, source="<proposals dict>"
+                        ) -> dict[tuple[str, int], np.ndarray]:
+    """:func:`read_proposals` for proposals already in memory: ``{"{video_id},{ts:04d}" or (video_id, ts):
+    array[N, 5]}`` (rows ``[x1, y1, x2, y2, score]``), checked, thresholded, sorted and clipped the same
+    way; ``source`` names them in errors (the file they came from)."""
+    if not isinstance(data, dict):
+        raise AVAFormatError(f"{source}: expected a dict of proposals, got {type(data).__name__}")
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for key, arr in data.items():
+        k = _parse_key(source, key)
+        try:
+            a = np.asarray(arr, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise AVAFormatError(f"{source}: proposals for key {key!r} are not a numeric N x 5 array: {e}") from None
+        if a.size == 0:
+            a = a.reshape(0, 5)
+        if a.ndim != 2 or a.shape[1] != 5:
+            raise AVAFormatError(f"{source}: proposals for key {key!r} must be an N x 5 array "
+                                 f"[x1, y1, x2, y2, score], got shape {a.shape}")
+        if not np.isfinite(a).all() or (a[:, 2] < a[:, 0]).any() or (a[:, 3] < a[:, 1]).any():
+            raise AVAFormatError(f"{source}: proposals for key {key!r} hold a non-finite or inverted box")
+        out[k] = a
+    return _threshold_sort_clip(out, score_threshold)
+
+
+def _threshold_sort_clip(out: dict, score_threshold: float) -> dict[tuple[str, int], np.ndarray]:
     result = {}
     for k, a in out.items():
         a = a[a[:, 4] >= score_threshold]

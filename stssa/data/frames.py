@@ -167,8 +167,9 @@ def extract_video(path, out_root, fps=30, start=900, end=1800, short_side: Optio
                              f"{'end' if end is None else f'{float(as_fraction(end)):g}'}) s: the video spans "
                              f"{info.start:.3f} .. {info.end if info.end is not None else float('nan'):.3f} s")
     # A file that stops decoding well before the end its container declares was cut short (a broken
-    # download): say so rather than mark it complete.
-    expected = expected_frame_count(info, fps, start, end)
+    # download): say so rather than mark it complete. Only the video stream's own duration tells (the
+    # file's covers the longest stream, and an audio track can outlast the video).
+    expected = expected_frame_count(info, fps, start, end) if info.duration_of_stream else None
     if expected is not None and total < expected - math.ceil(as_fraction(fps)):
         raise VideoReadError(f"{path}: decoding stopped after {total} frames, but the container says the "
                              f"range holds {expected} (truncated or corrupt file?)")
@@ -206,10 +207,14 @@ def main(argv=None) -> int:
                    help="seconds without a decodable frame that make a video corrupt (default 1; 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    end = None if a.end.lower() == "none" else Fraction(a.end)
+    try:
+        end = None if a.end.lower() == "none" else Fraction(a.end)
+    except (ValueError, ZeroDivisionError):
+        p.error(f"argument --end: a number of seconds or 'none', got {a.end!r}")
     if a.fps <= 0 or a.workers < 1 or (a.short_side is not None and a.short_side < 1) \
-            or not 1 <= a.quality <= 100 or (end is not None and end <= a.start):
-        p.error("need --fps > 0, --workers >= 1, --short-side >= 1, 1 <= --quality <= 100, --end > --start")
+            or not 1 <= a.quality <= 100 or (end is not None and end <= a.start) or not a.max_gap >= 0:
+        p.error("need --fps > 0, --workers >= 1, --short-side >= 1, 1 <= --quality <= 100, --end > --start, "
+                "--max-gap >= 0")
     try:
         videos = find_videos(a.videos)
     except FileNotFoundError as e:

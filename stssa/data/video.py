@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,7 +71,9 @@ class VideoInfo:
     ``start``: presentation time of the first frame in seconds (0 for most files; 900 for the synthetic
     set's MP4s); ``duration``: seconds from ``start`` to the end, ``None`` when the container does not say;
     ``fps``: the stream's average frame rate, ``None`` when unknown; ``frames``: frame count if the container
-    records it, else 0.
+    records it, else 0; ``duration_of_stream``: whether ``duration`` is the video stream's own (its header
+    field or, in Matroska/WebM, its ``DURATION`` tag) rather than the whole file's, which covers the
+    longest stream (an audio track can outlast the video).
     """
 
     path: str
@@ -81,6 +84,7 @@ class VideoInfo:
     duration: Optional[float]
     frames: int
     codec: str
+    duration_of_stream: bool = True
 
     @property
     def end(self) -> Optional[float]:
@@ -108,18 +112,27 @@ def probe_video(path) -> VideoInfo:
     container, stream = _open(path)
     try:
         start = _stream_start(stream)
+        own = True
         if stream.duration is not None and stream.time_base is not None:
             duration = float(Fraction(stream.duration) * stream.time_base)
+        elif (tagged := _tag_seconds(stream.metadata.get("DURATION"))) is not None:
+            duration = tagged  # Matroska keeps per-track durations as tags (written by ffmpeg, mkvmerge)
         elif container.duration is not None:
-            duration = container.duration / 1_000_000  # AV_TIME_BASE
+            duration, own = container.duration / 1_000_000, False  # AV_TIME_BASE
         else:
             duration = None
         rate = stream.average_rate or stream.guessed_rate
         return VideoInfo(str(path), int(stream.codec_context.width), int(stream.codec_context.height),
                          float(rate) if rate else None, float(start), duration, int(stream.frames or 0),
-                         stream.codec_context.name)
+                         stream.codec_context.name, own)
     finally:
         container.close()
+
+
+def _tag_seconds(tag) -> Optional[float]:
+    """A ``DURATION`` tag ``HH:MM:SS.fraction`` in seconds (``None`` if absent or malformed)."""
+    m = re.fullmatch(r"\s*(\d+):([0-5]\d):([0-5]\d(?:\.\d*)?)\s*", tag) if isinstance(tag, str) else None
+    return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
 
 
 def output_size(height: int, width: int, short_side: Optional[int]) -> tuple[int, int]:
