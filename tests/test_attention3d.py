@@ -270,6 +270,31 @@ def test_autocast_cpu_follows_the_autocast_dtype(amp):
         assert attention3d(q.double(), k.double(), v.double(), "spatial").dtype == torch.float64
 
 
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axis", ["spatial", "temporal"])
+def test_backward_inside_autocast_equals_backward_outside(amp, axis):
+    """``loss.backward()`` inside the autocast region (PyTorch advises against it, users do it): the
+    backward runs in the dtypes the forward chose, the same gradients as a backward outside; temporal_proj
+    feeding attention3d, as in the STSSA head."""
+    from stssa_kernels import temporal_proj
+    q, _, _, r, g = attention3d_inputs((2, 8, 3, 3, 3), 8, epilogue=True)
+    w = torch.randn(8, 8, 3, 1, 1, generator=torch.Generator().manual_seed(3)) / 5
+    grads = []
+    for inside in (False, True):
+        xs, ws, gs = q.clone().requires_grad_(), w.clone().requires_grad_(), g.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=amp):
+            y, = temporal_proj(xs, [ws])
+            loss = attention3d(y, y, y, axis, residual=y, gamma=gs).float().square().sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([xs.grad, ws.grad, gs.grad])
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # registration: one path, opcheck, torch.compile, modules
 # ---------------------------------------------------------------------------------------------------

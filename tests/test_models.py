@@ -7,9 +7,11 @@ import importlib.util
 
 import pytest
 import torch
+from torch import nn
 
 from stssa.models import (CheckpointShapeError, I3D, I3DConfig, STSSAHead, BaselineHead, build_head, build_model,
                           load_backbone)
+from _numerics import assert_by_rule
 from stssa.models.ops import available
 from stssa.utils import CONFIG_DIR, load_config
 
@@ -255,10 +257,14 @@ def _fused_vs_reference(model_cfg: dict, dtype: torch.dtype, seed: int, device: 
     for fused in (True, False):
         model.set_fused(fused)
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            out = model(clips, rois)
-        out = out.to(dtype)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).reshape(out.shape))
+        # PyTorch's result on CPU bf16 with oneDNN off: oneDNN's bf16 conv3d weight gradient is NaN where
+        # kt > T (the head's 7-tap projections at T = 2), which would make the rule's baseline NaN
+        onednn = not (device == "cpu" and amp == torch.bfloat16 and not fused)
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            with torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                out = model(clips, rois)
+            out = out.to(dtype)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).reshape(out.shape))
         results[fused] = (out.detach().cpu(), {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()})
     return results
 
@@ -537,3 +543,39 @@ def test_load_errors_and_own_layout_round_trip(tmp_path):
     report = load_backbone(I3D(I3DConfig.from_dict(SMALL_R50)), tmp_path / "checkpoint.pt")
     assert report.layout == "stssa-detector" and not report.missing
     assert sorted(report.unexpected) == ["head.classifier.bias", "head.classifier.weight"]
+
+
+@pytest.mark.parametrize("T, kt", [(2, 3), (4, 5), (6, 7), (8, 3)])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_conv3d_cpu_bf16_kernel_longer_than_the_clip(T, kt, autocast):
+    """stssa.models.conv.Conv3d: nn.Conv3d's parameters and results, with finite and right bf16 weight
+    gradients on CPU where oneDNN's are not (kt > T; torch 2.14.1)."""
+    from stssa.models.conv import Conv3d
+    torch.manual_seed(0)
+    ref = nn.Conv3d(64, 8, (kt, 1, 1), padding=(kt // 2, 0, 0))
+    conv = Conv3d(64, 8, (kt, 1, 1), padding=(kt // 2, 0, 0))
+    conv.load_state_dict(ref.state_dict())
+    assert list(conv.state_dict()) == list(ref.state_dict())
+    x = torch.randn(5, 64, T, 7, 7)
+    go = torch.randn(5, 8, T, 7, 7) * 1e-3
+    m64 = copy.deepcopy(ref).double()
+    x64 = x.double().requires_grad_()
+    m64(x64).backward(go.double())
+    if autocast:
+        xb = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xb)
+    else:
+        conv = conv.to(torch.bfloat16)
+        xb = x.bfloat16().requires_grad_()
+        y = conv(xb)
+    assert y.dtype == torch.bfloat16
+    y.backward(go.to(y.dtype))
+    # the rule's baseline: PyTorch's plain bf16 conv3d with oneDNN off (right, 20-50x slower)
+    mb = copy.deepcopy(ref).to(torch.bfloat16)
+    xl = x.bfloat16().requires_grad_()
+    with torch.backends.mkldnn.flags(enabled=False):
+        mb(xl).backward(go.bfloat16())
+    for name, g, lp, r in (("weight", conv.weight.grad, mb.weight.grad, m64.weight.grad),
+                           ("x", xb.grad, xl.grad, x64.grad)):
+        assert_by_rule(g, r, lp, name)

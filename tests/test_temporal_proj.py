@@ -211,6 +211,34 @@ def test_empty_inputs(backend, dims):
                                                                           [None if b is None else b.detach() for b in bs]))
 
 
+@pytest.mark.parametrize("T, kt", [(2, 3), (2, 7), (3, 5), (6, 7)])
+def test_bf16_cpu_kernel_longer_than_the_clip(T, kt):
+    """CPU bf16 with kt > T runs the tap GEMMs: oneDNN's bf16 conv3d weight gradient is NaN or far off
+    there. The baseline of the error rule is PyTorch's bf16 conv3d with oneDNN off, which is right."""
+    x, ws, bs = make(B=5, C=64, T=T, H=7, W=7, out_channels=(8, 8), kernel_sizes=(kt, 1), dtype=torch.bfloat16)
+    assert tp_ops.select(x, [8, 8], [kt, 1]).backend == "gemm"
+    leaves = lambda x, ws, bs: [x, *ws, *[b for b in bs if b is not None]]  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    gys = [torch.randn((5, 8, T, 7, 7), generator=g, dtype=torch.float64) for _ in ws]
+
+    def grads(fn, dtype, mkldnn=True):
+        xs = x.detach().to(dtype).requires_grad_()
+        wss = [w.detach().to(dtype).requires_grad_() for w in ws]
+        bss = [b.detach().to(dtype).requires_grad_() for b in bs]
+        with torch.backends.mkldnn.flags(enabled=mkldnn):
+            out = fn(xs, wss, bss)
+            return out, torch.autograd.grad(out, leaves(xs, wss, bss), [gy.to(dtype) for gy in gys])
+
+    out, ours = grads(temporal_proj, torch.bfloat16)
+    ref_out, ref = grads(temporal_proj_ref, torch.float64)
+    lp_out, lp = grads(temporal_proj_ref, torch.bfloat16, mkldnn=False)
+    for i, (o, r, l) in enumerate(zip(out, ref_out, lp_out)):
+        assert_rule(o, r, l, f"out[{i}]")
+    for name, a, r, l in zip(["x", "w0", "w1", "b0", "b1"], ours, ref, lp):
+        assert torch.isfinite(a).all(), name
+        assert_rule(a, r, l, f"grad {name}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------
@@ -349,9 +377,9 @@ def test_module_matches_conv3d_modules():
     assert TemporalProjection(6, [4], [3], bias=False).biases is None
 
 
-def _pick(device, cc, dtype, aligned=True, interpret=False, threads=1, macs=1 << 30):
+def _pick(device, cc, dtype, aligned=True, interpret=False, threads=1, macs=1 << 30, kt_over_t=False):
     return tp_ops.DISPATCH.select(tp_ops.TemporalProjProblem(device, cc, dtype, interpret, aligned, threads,
-                                                             macs)).backend
+                                                             macs, kt_over_t)).backend
 
 
 def test_dispatch_table():
@@ -364,6 +392,9 @@ def test_dispatch_table():
     assert _pick("cuda", 75, torch.float16) == "conv_kt"  # sm_75: tl.dot -> FFMA
     assert _pick("cuda", 90, torch.bfloat16, aligned=False) == "gemm"  # unaligned channels
     assert _pick("cuda", 90, torch.float32) == "gemm"
+    assert _pick("cpu", 0, torch.bfloat16, threads=2, kt_over_t=True) == "gemm"  # oneDNN bf16 wgrad bug
+    assert _pick("cpu", 0, torch.bfloat16, threads=2, kt_over_t=False) == "conv_kt"
+    assert _pick("cpu", 0, torch.float16, threads=2, kt_over_t=True) == "conv_kt"
     for r in tp_ops.DISPATCH.rules:
         assert r.why, "every table row says why"
     text = tp_ops.explain(torch.zeros(1, 16, 2, 1, 1), [16], [3], verbose=True)

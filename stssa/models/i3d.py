@@ -32,6 +32,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from .conv import Conv3d
+
 #: Temporal kernel patterns of the I3D (PySlowFast ``_TEMPORAL_KERNEL_BASIS["i3d"]``) ...
 I3D_TEMPORAL = [[3], [3, 1], [3, 1], [1, 3]]
 #: ... and of the Slow pathway / ``slow_r50`` (temporal convolutions only in res4 and res5).
@@ -94,16 +96,16 @@ class Bottleneck(nn.Module):
         super().__init__()
         if dim_in != dim_out or stride != 1:
             self.shortcut = nn.Sequential()
-            self.shortcut.add_module("conv", nn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False))
+            self.shortcut.add_module("conv", Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False))
             self.shortcut.add_module("bn", nn.BatchNorm3d(dim_out, eps=eps, momentum=momentum))
         else:
             self.shortcut = None
-        self.conv_a = nn.Conv3d(dim_in, dim_inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
+        self.conv_a = Conv3d(dim_in, dim_inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
         self.bn_a = nn.BatchNorm3d(dim_inner, eps=eps, momentum=momentum)
-        self.conv_b = nn.Conv3d(dim_inner, dim_inner, (1, 3, 3), stride=(1, stride, stride),
+        self.conv_b = Conv3d(dim_inner, dim_inner, (1, 3, 3), stride=(1, stride, stride),
                                 padding=(0, dilation, dilation), dilation=(1, dilation, dilation), bias=False)
         self.bn_b = nn.BatchNorm3d(dim_inner, eps=eps, momentum=momentum)
-        self.conv_c = nn.Conv3d(dim_inner, dim_out, 1, bias=False)
+        self.conv_c = Conv3d(dim_inner, dim_out, 1, bias=False)
         self.bn_c = nn.BatchNorm3d(dim_out, eps=eps, momentum=momentum)
         # Zero-init of the last BN scale (Goyal et al.; PySlowFast ZERO_INIT_FINAL_BN) makes each block
         # start as identity; in a short from-scratch run the scales can stay near 0, so it is optional.
@@ -136,7 +138,7 @@ class I3D(nn.Module):
         self.cfg = cfg
         kt0 = cfg.stem_temporal
         self.stem = nn.Sequential()
-        self.stem.add_module("conv", nn.Conv3d(cfg.in_channels, cfg.width, (kt0, 7, 7), stride=(1, 2, 2),
+        self.stem.add_module("conv", Conv3d(cfg.in_channels, cfg.width, (kt0, 7, 7), stride=(1, 2, 2),
                                                padding=(kt0 // 2, 3, 3), bias=False))
         self.stem.add_module("bn", nn.BatchNorm3d(cfg.width, eps=cfg.bn_eps, momentum=cfg.bn_momentum))
         self.stem.add_module("relu", nn.ReLU(inplace=True))

@@ -252,6 +252,19 @@ def reason_if(cond: bool, text: str, out: list) -> None:
 __all__ = ["Problem", "Rule", "Backend", "Choice", "Dispatcher", "between", "reason_if"]
 
 
+def no_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` when it is on, else a no-op: a backward called inside
+    an autocast region (``loss.backward()`` under ``torch.autocast``) runs the ops' kernels in the dtypes
+    their forward chose, as PyTorch's own backward ops do, instead of autocasting their inner matmuls."""
+    import contextlib
+
+    import torch
+
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def register_op_pair(forward_schema: str, backward_schema: str, forward_kernel, backward_kernel, forward_fake,
                      backward_fake):
     """Define an op and its backward op in the ``stssa`` namespace: one Python kernel each for CPU and

@@ -49,6 +49,7 @@ from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_count_and_length, to_seq
 from . import _arch
 from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between, register_op_pair
+from ._dispatch import no_autocast as _no_autocast
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "select", "explain"]
 
@@ -658,8 +659,9 @@ class _Attention3dFunction(torch.autograd.Function):
             raise RuntimeError("attention3d: double backward is not implemented (stssa::_attention3d_backward "
                                "has no derivative)")
         q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
-        dq, dk, dv, dgamma = _backward_op(grad_out, q, k, v, out if out is not None else q.new_empty(0), lse, saved,
-                                          ctx.axis, ctx.heads, ctx.scale, gamma)
+        with _no_autocast(q.device.type):
+            dq, dk, dv, dgamma = _backward_op(grad_out, q, k, v, out if out is not None else q.new_empty(0), lse,
+                                              saved, ctx.axis, ctx.heads, ctx.scale, gamma)
         return (dq, dk, dv, grad_out if ctx.has_residual else None, dgamma if gamma is not None else None,
                 None, None, None)
 

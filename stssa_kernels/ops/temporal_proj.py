@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
 from . import _arch
-from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between, register_op_pair
+from ._dispatch import (Backend, Dispatcher, Problem, Rule, TritonBackend, between, no_autocast as _no_autocast,
+                        register_op_pair)
 
 __all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "select", "explain", "pack_weights", "pack_biases"]
 
@@ -72,6 +73,7 @@ class TemporalProjProblem(Problem):
     aligned: bool = False   # C and every C_out multiples of 16, 16-byte aligned x (the Triton specialisation)
     threads: int = 1        # torch.get_num_threads() (CPU)
     macs: int = 0           # multiply-adds of the forward: B*T*H*W * C * sum_i kt_i * C_out_i
+    kt_over_t: bool = False  # some kt_i > T (taps that meet only padding for some frames)
 
 
 class _Triton(TritonBackend):
@@ -90,6 +92,9 @@ CPU_SMALL_MACS = 1 << 23
 DISPATCH = Dispatcher("temporal_proj", [_Triton(), _Plain("gemm"), _Plain("conv"), _Plain("conv_kt")], [
     Rule("triton", "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors (tests); the interpreter "
          "simulates neither bf16 nor fp64", device="cpu", interpret=True, dtypes=(_F32, _F16)),
+    Rule("gemm", "CPU bf16 with kt > T: oneDNN's bf16 conv3d weight gradient is NaN, inf or ~86% wrong there "
+         "(measured, torch 2.14.1: T=2 kt=3/5/7, T=3..6 kt=5/7; fp32 and fp16 are right); the tap GEMMs skip "
+         "all-padding taps", device="cpu", dtypes=(_BF16,), when=(("kt_over_t", (True,)),)),
     Rule("conv_kt", "CPU, small problems (< 2^23 MACs): per-call costs dominate and conv_kt makes the fewest "
          "calls (one conv per kernel size); measured fwd+bwd at 1 thread, STSSA mix: 2.0x faster than gemm at "
          "5.5e4 MACs, 1.26x at 1.6e6, 0.82x at 9.6e6 (shared machine)", device="cpu",
@@ -125,7 +130,7 @@ def _key(x: Tensor, out_channels: Sequence[int], kernel_sizes: Sequence[int]) ->
     B, C, T, H, W = x.shape
     macs = B * T * H * W * C * sum(n * k for n, k in zip(out_channels, kernel_sizes))
     return (dev, _arch.capability(dev), x.dtype, _arch.interpreting(), _aligned(x, out_channels),
-            torch.get_num_threads() if dev.type == "cpu" else 0, macs)
+            torch.get_num_threads() if dev.type == "cpu" else 0, macs, any(k > T for k in kernel_sizes))
 
 
 def select(x: Tensor, out_channels: Sequence[int], kernel_sizes: Sequence[int]):
@@ -586,7 +591,8 @@ class _TemporalProjFunction(torch.autograd.Function):
         mask = [need[0], any(need[2:2 + n]), any(h and g for h, g in zip(ctx.has_bias, need[2 + n:]))]
         if not any(mask):
             return (None,) * (2 + 2 * n)
-        dx, dws, db = _backward_op(grad_y, x, weights, mask)
+        with _no_autocast(x.device.type):
+            dx, dws, db = _backward_op(grad_y, x, weights, mask)
         dbs = db.split([w.shape[0] for w in weights]) if mask[2] else [None] * n
         return (dx if need[0] else None, None,
                 *[dw if need[2 + i] else None for i, dw in enumerate(dws)],
