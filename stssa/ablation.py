@@ -161,7 +161,7 @@ def train_backbone(data_root: Path, work: Path, config: str, overrides: Sequence
         if p.is_file():
             p.unlink()
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, run, device="cpu", quiet=quiet)
+    trainer = Trainer(cfg, run, device="cpu", quiet=quiet, overwrite=True)
     res = trainer.fit()
     info = {"config": config, "overrides": list(overrides), "steps": trainer.global_step,
             "epochs": trainer.tcfg["epochs"], "batch_size": trainer.tcfg["batch_size"],

@@ -540,9 +540,16 @@ def main(argv=None) -> int:
         p.error("need --topk >= 1, --batch-size >= 1, --every > 0")
     if a.detector_weights and not a.person_detector:
         p.error("--detector-weights goes with --person-detector torchvision")
+    if a.threads is not None and a.threads < 1:
+        p.error("need --threads >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        p.error(f"argument --device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device {a.device}: torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
     from tqdm import tqdm
 
     from stssa.data.formats import AVAFormatError

@@ -133,6 +133,9 @@ def build_datasets(dcfg: dict):
     d = dict(dcfg)
     root = d.pop("root", None)
     frames = _path(root, d.pop("frames", "frames"))
+    missing = [k for k in ("labelmap", "train_csv", "val_csv") if k not in d]
+    if missing:
+        raise ValueError(f"data: missing key(s) {missing} (paths relative to data.root)")
     labelmap = _path(root, d.pop("labelmap"))
     train_csv = _path(root, d.pop("train_csv"))
     val_csv = _path(root, d.pop("val_csv"))
@@ -199,15 +202,58 @@ def detection_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the runner
+CONFIG_SECTIONS = ("model", "data", "train", "name", "out")
+_POSITIVE_INTS = ("epochs", "batch_size", "log_every", "eval_every")
+_NONNEGATIVE_INTS = ("ckpt_every", "num_workers", "warmup_steps", "seed")
+_NONNEGATIVE_NUMBERS = ("lr", "momentum", "weight_decay", "clip_grad", "warmup_start_factor", "step_gamma",
+                        "cosine_final_factor", "head_lr_mult")
+
+
+def check_train_config(cfg: dict, tcfg: dict) -> None:
+    """Config errors before anything runs: a misspelt section or key, a value of the wrong type or range
+    (each error names ``train.<key>``)."""
+    unknown = sorted(set(cfg) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise ValueError(f"config: unknown top-level key(s) {unknown}; known: {list(CONFIG_SECTIONS)}")
+    unknown = sorted(set(tcfg) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"train: unknown keys {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for k in _POSITIVE_INTS:
+        if not (is_int(tcfg[k]) and tcfg[k] >= 1):
+            raise ValueError(f"train.{k} must be an integer >= 1, got {tcfg[k]!r}")
+    for k in _NONNEGATIVE_INTS:
+        if not (is_int(tcfg[k]) and tcfg[k] >= 0):
+            raise ValueError(f"train.{k} must be an integer >= 0, got {tcfg[k]!r}")
+    for k in _NONNEGATIVE_NUMBERS:
+        if not (is_num(tcfg[k]) and tcfg[k] >= 0):
+            raise ValueError(f"train.{k} must be a finite number >= 0, got {tcfg[k]!r}")
+    if tcfg["warmup_epochs"] is not None and not (is_num(tcfg["warmup_epochs"]) and tcfg["warmup_epochs"] >= 0):
+        raise ValueError(f"train.warmup_epochs must be None or a number >= 0, got {tcfg['warmup_epochs']!r}")
+    if tcfg["threads"] is not None and not (is_int(tcfg["threads"]) and tcfg["threads"] >= 1):
+        raise ValueError(f"train.threads must be None or an integer >= 1, got {tcfg['threads']!r}")
+    if not isinstance(tcfg["step_milestones"], (list, tuple)) or not all(is_int(m) for m in tcfg["step_milestones"]):
+        raise ValueError(f"train.step_milestones must be a list of epochs, got {tcfg['step_milestones']!r}")
+
+
+#: Files of a run in its output folder; a fresh (not resumed) run refuses to mix its logs with them.
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "eval.csv")
+
+
 class Trainer:
-    def __init__(self, cfg: dict, out_dir: Path, device: Optional[str] = None, quiet: bool = False):
+    def __init__(self, cfg: dict, out_dir: Path, device: Optional[str] = None, quiet: bool = False,
+                 overwrite: bool = False):
+        """``overwrite``: a run that starts from scratch first deletes an earlier run's checkpoints and
+        logs in ``out_dir``; without it, such files are an error (``--resume`` continues them)."""
         self.cfg = cfg
         self.tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
-        unknown = sorted(set(self.tcfg) - set(TRAIN_DEFAULTS))
-        if unknown:
-            raise ValueError(f"train: unknown keys {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+        check_train_config(cfg, self.tcfg)
         self.out = Path(out_dir)
         self.quiet = quiet
+        self.overwrite = overwrite
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -289,8 +335,12 @@ class Trainer:
                 print(f"--resume: no checkpoint at {self.ckpt_path}, starting from scratch")
             return False
         ckpt = load_checkpoint(self.ckpt_path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.ckpt_path}: the checkpoint does not fit this config's model "
+                             f"(--resume continues a run with its own config): {e}") from None
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         if ckpt["world_size"] == self.world:
@@ -379,6 +429,9 @@ class Trainer:
             if self.tcfg["clip_grad"] > 0:
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg["clip_grad"]))
+            elif not self.scaler.is_enabled():  # the finiteness check below needs it (one pass over the grads)
+                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), math.inf))
+            self._check_finite(loss, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step_in_epoch += 1
@@ -409,6 +462,26 @@ class Trainer:
                 os._exit(17)  # no cleanup, no final checkpoint: what a SIGKILL leaves behind
         bar.close()
 
+    def _check_finite(self, loss: torch.Tensor, grad_norm: float) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (and a checkpoint). With fp16's
+        GradScaler an inf gradient is normal (the step is skipped and the scale lowered); a NaN loss is not."""
+        step = self.global_step + 1
+        bad = None
+        if not math.isfinite(float(loss.detach())):
+            bad = f"the loss is {float(loss.detach())}"
+        elif not self.scaler.is_enabled() and not math.isfinite(grad_norm):
+            bad = f"the gradient norm is {grad_norm}"
+        if bad is not None:
+            hint = ""
+            if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16:
+                hint = ("; on CPU, PyTorch's oneDNN bf16 conv3d weight gradient is NaN or wrong where a temporal "
+                        "kernel is longer than the clip at its layer (kt > T; measured on torch 2.14.1); the "
+                        "backbone and model.use_fused=true route around it, the reference head's Conv3d's "
+                        "(use_fused=false) do not: use train.amp=none, longer clips or the fused head")
+            raise FloatingPointError(
+                f"step {step} (epoch {self.epoch + 1}): {bad}; stopped before the optimizer step, the last "
+                f"checkpoint is untouched (train.amp={self.tcfg['amp']}, train.lr={self.tcfg['lr']}){hint}")
+
     @torch.no_grad()
     def evaluate(self, tag: str) -> Optional[dict]:
         """Detections on the val set (official CSV) and frame-mAP; returns the evaluator's dict on rank 0."""
@@ -433,8 +506,25 @@ class Trainer:
         return evaluate_frame_map(self.eval_info["labelmap"], self.eval_info["groundtruth"], det_path,
                                   self.eval_info["excluded"])
 
+    def _start_fresh(self) -> None:
+        """A run from step 0 into a folder holding another run: delete it with ``overwrite``, else refuse
+        (its metrics.csv / eval.csv would get a second run's rows appended, its checkpoints replaced)."""
+        old = [p for p in (*[self.out / f for f in RUN_FILES], *self.out.glob("checkpoint_epoch*.pt"),
+                           *self.out.glob("detections_epoch*.csv")) if p.exists()]
+        if not old and not (self.out / "tb").exists():
+            return
+        if not self.overwrite:
+            raise FileExistsError(f"{self.out} holds an earlier run ({', '.join(sorted(p.name for p in old)) or 'tb/'}): "
+                                  "pass --resume to continue it, --overwrite to start over, or another --out")
+        import shutil
+        for p in old:
+            p.unlink()
+        shutil.rmtree(self.out / "tb", ignore_errors=True)
+
     def fit(self, kill_after: Optional[int] = None) -> Optional[dict]:
         if self.is_main:
+            if self.global_step == 0 and self.epoch == 0:
+                self._start_fresh()
             self.out.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -490,13 +580,15 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. train.lr=0.01 model.use_fused=false")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="a run from scratch first deletes an earlier run's checkpoints and logs in --out")
     ap.add_argument("--kill-after-steps", type=int, default=None,
                     help="testing aid: exit abruptly (no checkpoint, no cleanup) after this global step, "
                          "as a SIGKILL would; then run again with --resume")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     out = Path(args.out or cfg.get("out") or Path("runs") / cfg["name"])
-    trainer = Trainer(cfg, out, device=args.device, quiet=args.quiet)
+    trainer = Trainer(cfg, out, device=args.device, quiet=args.quiet, overwrite=args.overwrite)
     finished = False
     try:
         if args.resume:

@@ -73,7 +73,10 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> Dict[str, Any]:
     """Every RNG the training step draws from (dropout, anything in the model), for exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key as a tensor: the checkpoint then loads with torch.load(weights_only=True) (model.pretrained)
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +84,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))  # tensor or ndarray
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -98,6 +102,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,6 +110,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
-    # weights_only=False: our own training checkpoints hold RNG states (numpy arrays, tuples) besides tensors.
-    return torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+    """A training checkpoint; a file that is not one (truncated, not a torch file) is a ValueError naming it."""
+    # weights_only=False: checkpoints of earlier versions hold numpy RNG arrays besides tensors.
+    try:
+        ckpt = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a stssa.train checkpoint (expected a dict with 'model', got "
+                         f"{type(ckpt).__name__}{' with keys ' + str(sorted(ckpt)[:8]) if isinstance(ckpt, dict) else ''})")
+    return ckpt

@@ -187,6 +187,23 @@ def test_kill_mid_epoch_then_resume_is_bit_exact(synthetic, tmp_path):
     assert float(_rows(tmp_path / "B" / "eval.csv")[-1]["frame_mAP"]) == res_a["mAP"]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_cpu_run_with_kernels_longer_than_the_clip(synthetic, tmp_path, fused):
+    """CPU bf16 with 4-frame clips: the stem's 5-tap conv, the res4/res5 3-tap convs (T = 4, 2) and the
+    head's 3-tap slow projections all have kt > T, where oneDNN's bf16 weight gradient is NaN (torch
+    2.14.1). The backbone's Conv3d and the fused head route around it: finite losses and gradients."""
+    if not fused and importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the reference path needs torchvision")
+    head = STSSA_TINY if fused else {"type": "baseline"}
+    cfg = _config(synthetic, head, epochs=1, amp="bf16", eval_every=1)
+    cfg["model"]["use_fused"] = fused
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    trainer.fit()  # raises FloatingPointError at a NaN loss or gradient
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert rows and all(float(r["grad_norm"]) >= 0 for r in rows)
+
+
 @needs_torchvision
 def test_bf16_autocast_and_baseline_head_run(synthetic, tmp_path):
     cfg = _config(synthetic, {"type": "baseline"}, epochs=1, amp="bf16", clip_grad=1.0, eval_every=1)
@@ -258,3 +275,118 @@ def test_gpu_nccl_torchrun(synthetic, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     ckpt = load_checkpoint(tmp_path / "G" / "checkpoint.pt")
     assert ckpt["world_size"] == n
+
+
+# ------------------------------------------------------------------------------------ config and errors
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.update(trian=c.pop("train")), r"config: unknown top-level key\(s\) \['trian'\]"),
+    (lambda c: c["train"].update(eval_every=0), r"train\.eval_every must be an integer >= 1, got 0"),
+    (lambda c: c["train"].update(log_every=0), r"train\.log_every must be an integer >= 1"),
+    (lambda c: c["train"].update(batch_size=-1), r"train\.batch_size must be an integer >= 1, got -1"),
+    (lambda c: c["train"].update(batch_size=2.5), r"train\.batch_size must be an integer >= 1"),
+    (lambda c: c["train"].update(lr="abc"), r"train\.lr must be a finite number >= 0, got 'abc'"),
+    (lambda c: c["train"].update(num_workers=-1), r"train\.num_workers must be an integer >= 0"),
+    (lambda c: c["train"].update(threads=0), r"train\.threads must be None or an integer >= 1"),
+    (lambda c: c["data"].pop("labelmap"), r"data: missing key\(s\) \['labelmap'\]"),
+    (lambda c: c["model"]["head"].update(heads=0), r"heads must be a positive int, got 0"),
+])
+def test_config_errors_name_the_key(synthetic, tmp_path, change, match):
+    cfg = _config(synthetic, dict(STSSA_TINY))
+    change(cfg)
+    with pytest.raises(ValueError, match=match):
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(synthetic, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match=r"device 'cuda': torch.cuda.is_available\(\) is False"):
+        Trainer(_config(synthetic, STSSA_TINY), tmp_path / "run", device="cuda", quiet=True)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_loss_or_gradient_stops_before_the_step(synthetic, tmp_path, monkeypatch, where):
+    """A NaN stops the run at that step with an error, before the optimizer step and any checkpoint
+    (a bf16 CPU run used to train on to NaN weights, exit 0, and overwrite the checkpoint)."""
+    import stssa.train as tr
+    cfg = _config(synthetic, STSSA_TINY, epochs=1, ckpt_every=1)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    calls, loss_fn = [], tr.detection_loss
+
+    def poisoned(logits, labels):  # step 2: a NaN loss, or a finite loss with a NaN gradient
+        calls.append(1)
+        loss = loss_fn(logits, labels)
+        if len(calls) != 2:
+            return loss
+        return loss * float("nan") if where == "loss" else loss + _nan_grad(logits)
+
+    monkeypatch.setattr(tr, "detection_loss", poisoned)
+    what = "loss" if where == "loss" else "gradient norm"
+    with pytest.raises(FloatingPointError, match=rf"step 2 \(epoch 1\): the {what} is nan; stopped before"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # step 1's, not overwritten
+    assert ckpt["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+class _NanGrad(torch.autograd.Function):
+    """0 in the forward, a NaN gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full(ctx.shape, float("nan"))
+
+
+def _nan_grad(logits):
+    return _NanGrad.apply(logits)
+
+
+@needs_torchvision
+def test_fresh_run_into_an_earlier_run_refuses_or_overwrites(synthetic, tmp_path):
+    cfg = _config(synthetic, STSSA_TINY, epochs=1, eval_every=1)
+    Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).fit()
+    n = len(_rows(tmp_path / "run" / "metrics.csv"))
+    with pytest.raises(FileExistsError, match=r"holds an earlier run .*--resume .*--overwrite"):
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).fit()
+    assert len(_rows(tmp_path / "run" / "metrics.csv")) == n
+    Trainer(cfg, tmp_path / "run", device="cpu", quiet=True, overwrite=True).fit()
+    assert len(_rows(tmp_path / "run" / "metrics.csv")) == n  # the new run's rows only
+    assert len(_rows(tmp_path / "run" / "eval.csv")) == 1
+
+
+@needs_torchvision
+def test_checkpoint_files_errors_permissions_and_pretrained(synthetic, tmp_path):
+    """Training checkpoints: readable by others as the umask allows (not mkstemp's 0600); usable as
+    model.pretrained (torch.load with weights_only=True); damaged or mismatched ones are errors naming the
+    file."""
+    from stssa.models.checkpoint import read_state_dict
+    cfg = _config(synthetic, STSSA_TINY, epochs=1, eval_every=1)
+    old = os.umask(0o022)
+    try:
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).fit()
+    finally:
+        os.umask(old)
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    assert ckpt_path.stat().st_mode & 0o777 == 0o644
+    sd = read_state_dict(ckpt_path)
+    assert set(sd) == set(load_checkpoint(ckpt_path)["model"])
+    # resume: damaged file, another model
+    data = ckpt_path.read_bytes()
+    ckpt_path.write_bytes(data[: len(data) // 2])
+    t = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    with pytest.raises(ValueError, match=rf"{ckpt_path.name}: cannot read the checkpoint"):
+        t.resume()
+    with pytest.raises(ValueError, match=rf"{ckpt_path.name}: cannot read the checkpoint with torch.load"):
+        read_state_dict(ckpt_path)
+    ckpt_path.write_bytes(data)
+    wider = _config(synthetic, {**STSSA_TINY, "embed_dim": 16}, epochs=1)
+    with pytest.raises(ValueError, match=rf"{ckpt_path.name}: the checkpoint does not fit this config's model"):
+        Trainer(wider, tmp_path / "run", device="cpu", quiet=True).resume()

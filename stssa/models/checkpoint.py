@@ -55,13 +55,33 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _numpy_array_globals() -> list:
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
     """Read a ``.pyth`` / ``.pt`` / ``.pth`` file and return the model's tensors.
 
     Accepts ``{"model_state": sd}`` (PySlowFast / PyTorchVideo model zoo), ``{"state_dict": sd}``,
     ``{"model": sd}`` (our training checkpoints) or a bare state dict.
     """
-    obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    try:
+        # numpy's array reconstruction: training checkpoints of earlier versions keep numpy's RNG state
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a damaged file, or pickled objects beyond tensors and containers
+        raise ValueError(f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return unwrap_state_dict(obj, source=os.fspath(path))
 
 

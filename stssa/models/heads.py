@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .conv import Conv3d
 from .ops import get_op
 
 AXES = ("spatial", "temporal")
@@ -64,6 +65,8 @@ class SlowFastAttention(nn.Module):
             raise ValueError(f"SlowFastAttention: branches must be a non-empty subset of ('slow', 'fast'), got {branches!r}")
         if slow_kernel % 2 != 1:
             raise ValueError(f"SlowFastAttention: slow_kernel must be odd, got {slow_kernel}")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"SlowFastAttention: heads must be a positive int, got {heads!r}")
         if embed_dim % heads or channels % heads:
             raise ValueError(f"SlowFastAttention: heads={heads} must divide embed_dim={embed_dim} and channels={channels}")
         if norm_position not in ("post", "pre"):
@@ -82,9 +85,9 @@ class SlowFastAttention(nn.Module):
             kt = slow_kernel if b == "slow" else 1
             pad = (kt // 2, 0, 0)
             self.proj[b] = nn.ModuleDict({
-                "q": nn.Conv3d(channels, embed_dim, (kt, 1, 1), padding=pad),
-                "k": nn.Conv3d(channels, embed_dim, (kt, 1, 1), padding=pad),
-                "v": nn.Conv3d(channels, channels, (kt, 1, 1), padding=pad),
+                "q": Conv3d(channels, embed_dim, (kt, 1, 1), padding=pad),
+                "k": Conv3d(channels, embed_dim, (kt, 1, 1), padding=pad),
+                "v": Conv3d(channels, channels, (kt, 1, 1), padding=pad),
             })
         self.gamma = nn.ParameterDict({b: nn.Parameter(torch.full((), float(gamma_init))) for b in self.branches})
         self.norm = ChannelLayerNorm(channels) if layernorm else None
