@@ -278,8 +278,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on GPU, fp32 on CPU")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", nargs="*", default=None)
-    ap.add_argument("--axes", nargs="*", default=list(AXES))
-    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
+    ap.add_argument("--axes", nargs="*", default=list(AXES), choices=list(AXES))
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=None, help="default 30 on GPU, 21 on CPU")
     ap.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
@@ -287,6 +287,15 @@ def main(argv=None):
     ap.add_argument("--tiny-only", action="store_true",
                     help="CPU: only the tiny-size per-call overhead section (writes attn3d_tiny_*.json)")
     args = ap.parse_args(argv)
+    if (args.repeats is not None and args.repeats < 1) or args.warmup < 0 or \
+            (args.threads is not None and args.threads < 1):
+        ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
+    if not args.axes or not args.modes:
+        ap.error("--axes and --modes need at least one value")
+    table = CPU_SHAPES if torch.device(args.device).type == "cpu" else GPU_SHAPES
+    unknown = [n for n in (args.shapes or []) if n not in table]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown} for --device {args.device}; choose from {list(table)}")
     if args.tiny_only:
         tiny = tiny_overhead(args.warmup, args.repeats or 31)
         _print_tiny(tiny)

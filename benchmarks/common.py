@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Where the results JSON go (STSSA_BENCH_RESULTS overrides it: tests, scratch runs).
+RESULTS = os.environ.get("STSSA_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Peak DRAM bandwidth (GB/s) and dense fp16/bf16 tensor-core throughput (TFLOP/s), by GPU name substring.
 # Datasheet numbers (dense, no sparsity); the first matching entry wins.

@@ -14,10 +14,16 @@ both axes (SSFA + TSFA), both branches (slow 7x1x1, fast 1x1x1), 2 layers, 2048-
 ``stssa_ssfa_tsfa_gap2048_2l_ln`` config. ``cpu_small`` (what a 2-core CPU finishes in minutes): K=8 over N=2,
 C=256, T=8, 8x8 map, 256-d Q/K, otherwise the same.
 
+Timing. GPU: the variants one after another in this process (``measure``: warm-up, median, events). CPU:
+each variant lives in its own worker process (for its RSS, below) and the parent times them in
+interleaved rounds, one call per variant per round in a fresh seeded order, so that drift in machine
+load hits every variant alike; only one worker computes at a time.
+
 Peak memory. GPU: ``torch.cuda.max_memory_allocated`` above the memory held before the call (inputs and
-parameters excluded). CPU: each variant runs in a fresh subprocess and reports the growth of its peak
-resident set (``ru_maxrss``) over the resident set just before the first timed call -- includes allocator
-caching, so it is an upper bound of the tensors' peak, and it is labelled as RSS.
+parameters excluded). CPU: the growth of each worker's peak resident set (``ru_maxrss``) over its resident
+set just before its first call, with every library either path imports lazily (torchvision for the
+reference's RoIAlign) imported before that -- includes allocator caching, so it is an upper bound of the
+tensors' peak, and it is labelled as RSS.
 """
 from __future__ import annotations
 
@@ -31,11 +37,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, measure, peak_memory, print_table, write_results  # noqa: E402
+from common import device_info, measure, peak_memory, print_table, timed_call, write_results  # noqa: E402
 
 SHAPES = {
     "ava": dict(N=8, K=32, C=2048, T=16, H=16, W=16, embed=2048, layers=2),
     "cpu_small": dict(N=2, K=8, C=256, T=8, H=8, W=8, embed=256, layers=2),
+    "tiny": dict(N=1, K=2, C=16, T=4, H=4, W=4, embed=16, layers=1),  # tests of the benchmark itself
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: fused ops; fused ops with the blocks' projections and attention recomputed in the backward; reference
@@ -105,28 +112,102 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(args) -> dict:
-    """One variant in this process (the CPU subprocess entry, or directly on GPU)."""
+def _import_lazy_libraries() -> None:
+    """What either path imports at its first call (the reference's RoIAlign: torchvision, 166 MB of RSS),
+    imported before the memory baseline so that no variant's peak counts a library."""
+    try:
+        import torchvision.ops  # noqa: F401
+    except ImportError:
+        pass
+
+
+def setup_one(args):
+    """One variant's ``(row, fn, head, feats, rois)`` after its first call (the memory measurement)."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     shape, dtype = SHAPES[args.shapes], DTYPES[args.dtype]
-    fused = args.variant != "reference"
     head, feats, rois, labels = build(shape, device, dtype, recompute=args.variant == "fused_recompute")
-    head.set_fused(fused)
+    head.set_fused(args.variant != "reference")
     fn = step_fn(head, feats, rois, labels)
     row = {"variant": args.variant, "shapes": args.shapes, "dtype": args.dtype}
     if device.type == "cuda":
         fn()
         row["peak_mem_mb"] = peak_memory(fn, device) / 2**20
     else:
+        _import_lazy_libraries()
         rss0 = _rss_bytes()
         fn()
         row["peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20
-    row.update(measure(fn, device, warmup=args.warmup, repeats=args.repeats))
+    return row, fn, head, feats, rois
+
+
+def run_one(args) -> dict:
+    """One variant in this process, timed alone (GPU)."""
+    row, fn, head, feats, rois = setup_one(args)
+    row.update(measure(fn, torch.device(args.device), warmup=args.warmup, repeats=args.repeats))
     if args.variant == "fused":
         row["dispatch"] = dispatch_notes(head, feats, rois)
     return row
+
+
+def serve_one(args) -> int:
+    """CPU worker: set up one variant, print its row as JSON, then run one timed call per ``t`` line on
+    stdin (printing the ms) until ``q`` (printing the dispatch notes as JSON)."""
+    row, fn, head, feats, rois = setup_one(args)
+    for _ in range(args.warmup):
+        fn()
+    print(json.dumps(row), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "t":
+            print(repr(timed_call(fn, torch.device("cpu"))), flush=True)
+        else:
+            print(json.dumps(dispatch_notes(head, feats, rois) if args.variant == "fused" else {}), flush=True)
+            return 0
+    return 0
+
+
+def interleaved_cpu(args) -> list[dict]:
+    """The three variants in three worker processes, timed in interleaved rounds (seeded order)."""
+    import random
+    import statistics
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    procs = {}
+    try:
+        rows = {}
+        for variant in VARIANTS:  # one at a time: set-up (first call, RSS) of one does not slow another's
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--threads", str(args.threads),
+                   "--warmup", str(args.warmup), "--shapes", args.shapes, "--dtype", args.dtype,
+                   "--variant", variant]
+            procs[variant] = p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                                  env=env, bufsize=1)
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"head benchmark worker {variant!r} exited with {p.wait()} before its first call")
+            rows[variant] = json.loads(line)
+        times = {v: [] for v in VARIANTS}
+        order, rng = list(VARIANTS), random.Random(0)
+        for _ in range(args.repeats):
+            rng.shuffle(order)
+            for v in order:
+                procs[v].stdin.write("t\n")
+                times[v].append(float(procs[v].stdout.readline()))
+        for v, p in procs.items():
+            p.stdin.write("q\n")
+            notes = json.loads(p.stdout.readline())
+            if notes:
+                rows[v]["dispatch"] = notes
+            p.stdin.close()
+            p.wait(timeout=60)
+        for v, ts in times.items():
+            rows[v].update({"median_ms": statistics.median(ts), "min_ms": min(ts), "repeats": len(ts)})
+        return [rows[v] for v in VARIANTS]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
 
 
 def saved_activations(shape: dict, dtype: torch.dtype, cc: int) -> list[dict]:
@@ -187,10 +268,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     args.shapes = args.shapes or ("ava" if device.type == "cuda" else "cpu_small")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    args.repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    if args.repeats is None:
+        args.repeats = 20 if device.type == "cuda" else 11
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
     if args.variant:
-        print(json.dumps(run_one(args)))
-        return 0
+        return serve_one(args)
     if args.saved_activations:
         shapes = args.shapes if args.shapes != "cpu_small" or device.type == "cuda" else "ava"
         dtype = DTYPES["bfloat16" if args.dtype == "float32" and device.type == "cpu" else args.dtype]
@@ -209,21 +292,14 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
         return 0
 
-    rows = []
-    for variant in VARIANTS:
-        if device.type == "cuda":
+    if device.type == "cuda":
+        rows = []
+        for variant in VARIANTS:
             args.variant = variant
             rows.append(run_one(args))
             torch.cuda.empty_cache()
-        else:
-            # A fresh process per variant: the peak RSS of one must not include the other's.
-            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--shapes", args.shapes,
-                   "--dtype", args.dtype, "--variant", variant]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+    else:
+        rows = interleaved_cpu(args)  # a process per variant: the peak RSS of one must not include another's
     f, fr, r = rows
     mem_key = "peak_mem_mb" if device.type == "cuda" else "peak_rss_growth_mb"
     summary = {"speedup": r["median_ms"] / f["median_ms"],
@@ -231,7 +307,10 @@ def main(argv=None) -> int:
                "speedup_recompute": r["median_ms"] / fr["median_ms"],
                "memory_ratio_recompute": (r[mem_key] / fr[mem_key]) if fr[mem_key] > 0 else None,
                "memory_measure": "cuda max_memory_allocated above baseline" if device.type == "cuda"
-               else "growth of peak RSS over RSS before the first call (fresh process per variant)"}
+               else "growth of peak RSS over RSS before the first call (a process per variant, torchvision "
+                    "imported before the baseline)",
+               "timing": "sequential per variant, CUDA events" if device.type == "cuda"
+               else "interleaved rounds over the variants' worker processes, seeded shuffled order"}
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     print(f"STSSA head fwd+bwd, shapes {args.shapes} {SHAPES[args.shapes]}, {args.dtype}, "
@@ -245,7 +324,10 @@ def main(argv=None) -> int:
     print(f"dispatch: {f.get('dispatch')}")
     if device.type == "cpu":
         print("NOTE: CPU run at reduced shapes; the targets (2x time, 2x memory) are for the GPU 'ava' shapes.")
-    path = write_results("head", device, {"shapes": {args.shapes: SHAPES[args.shapes]}, "dtype": args.dtype,
+    # another shape, dtype or thread count than the default run must not overwrite the file the README cites
+    default = (("ava", "bfloat16") if device.type == "cuda" else ("cpu_small", "float32"))
+    subset = (args.shapes, args.dtype) != default or (device.type == "cpu" and args.threads != 2)
+    path = write_results("head_subset" if subset else "head", device, {"shapes": {args.shapes: SHAPES[args.shapes]}, "dtype": args.dtype,
                                           "rows": rows, "summary": summary,
                                           "reduced_shapes_on_cpu": device.type == "cpu"})
     print(f"wrote {path}")

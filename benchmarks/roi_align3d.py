@@ -184,7 +184,10 @@ def run(args):
             ("x_floor", "ours/floor"), ("x_line_floor", "ours/line floor")]
     print()
     print_table(rows, cols)
-    path = write_results("roi_align3d", device, {
+    # a run over part of the table, or at another thread count, must not overwrite the file the README cites
+    defaults = {"shapes": "small,ava_t8,ava_t16", "boxes": "person,far", "modes": "fwd,fwd+bwd"}
+    subset = any(getattr(args, k) != v for k, v in defaults.items()) or (device.type == "cpu" and args.threads != 2)
+    path = write_results("roi_align3d_subset" if subset else "roi_align3d", device, {
         "dtype": args.dtype, "output_size": OUT, "spatial_scale": SCALE, "sampling_ratio": SR, "aligned": ALIGNED,
         "shapes": {k: SHAPES[k] for k in args.shapes.split(",")}, "boxes": args.boxes, "repeats": args.repeats,
         "timing": "interleaved rounds (one call of each method per round, a fresh seeded order each round), median",
@@ -250,6 +253,14 @@ def main(argv=None):
     ap.add_argument("--pause-s", type=float, default=3.0)
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
+    for opt, value, allowed in (("--shapes", args.shapes, SHAPES), ("--boxes", args.boxes, BOXES),
+                                ("--modes", args.modes, ("fwd", "bwd", "fwd+bwd"))):
+        bad = [v for v in value.split(",") if v not in allowed]
+        if bad:
+            ap.error(f"{opt}: unknown {bad}; choose from {list(allowed)} (comma-separated)")
+    if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None and args.warmup < 0) \
+            or args.threads < 1:
+        ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
     if args.pause_probe:
         if not cpu:
             sys.exit("--pause-probe is a CPU probe (page reporting on a VM): use --device cpu")

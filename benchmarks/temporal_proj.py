@@ -239,7 +239,10 @@ def run(args):
     print_table(rows, [("shape", "shape"), ("mode", "mode"), ("method", "method"), ("backend", "backend"),
                        ("median_ms", "median ms"), ("tflops", "TFLOP/s"), ("peak_frac", "of peak"),
                        ("vs_six_conv", "x six_conv"), ("vs_conv_per_kt", "x conv_per_kt")])
-    path = write_results("temporal_proj" + (f"_{args.tag}" if args.tag else ""), device, {
+    # a run over part of the table, or at another thread count, must not overwrite the file the README cites
+    tag = args.tag or (f"{args.threads}thread" if device.type == "cpu" and args.threads != 2 else "")
+    tag = "_".join(t for t in (tag, "subset" if args.shapes else "") if t)
+    path = write_results("temporal_proj" + (f"_{tag}" if tag else ""), device, {
         "dtype": args.dtype, "kernel_sizes": KT, "shapes": {k: shapes[k] for k in names},
         "reduced_cpu_shapes": device.type == "cpu", "repeats": args.repeats, "warmup": args.warmup,
         "timing": "median of round-robin interleaved calls, device synchronised",
@@ -265,8 +268,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     args.dtype = args.dtype or ("fp32" if cpu else "fp16")
-    args.repeats = args.repeats or (9 if cpu else 30)
-    args.warmup = args.warmup or (1 if cpu else 5)
+    args.repeats = args.repeats if args.repeats is not None else (9 if cpu else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
+    table = CPU_SHAPES if cpu else GPU_SHAPES
+    unknown = [n for n in (args.shapes.split(",") if args.shapes else []) if n not in table]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown} for --device {args.device}; choose from {list(table)}")
     run(args)
 
 
