@@ -14,7 +14,7 @@ Steps, each under a time budget, none started past the overall DEADLINE (seconds
 5. everything (logs, result JSON, warm-up and test reports, summary) packed into one archive
    ``$OUT/gpu_check.tar.gz``; the summary is printed last, also when a step fails.
 
-Environment knobs (defaults in brackets): OUT [benchmarks/results/gpu_check], DEADLINE [540],
+Environment knobs (defaults in brackets): OUT [benchmarks/results/gpu_check], DEADLINE [540], RESERVE [30],
 STEPS ["build warm gputests bench"], BENCHES ["attn3d temporal_proj head roi_align3d"], T_BUILD [200],
 T_WARM [200], T_TESTS [200], T_FILE [120], T_BENCH ["attn3d=100 temporal_proj=60 head=60 roi_align3d=40"],
 PYTHON [this interpreter], and for rehearsals with stand-in steps (tests/test_gpu_check.py): CAP (skip
@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +100,37 @@ _OUTCOME_RE_RA = re.compile(r"^(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\s+(\S*:
 _PYTEST_ROOT = ["-p", "no:cacheprovider", "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini")]
 
 
-def collect(py: str, paths: list[str], mark: str, log: str) -> dict[str, list[str]]:
-    """{test file: [node ids]} of the tests carrying ``mark`` (pytest --collect-only)."""
-    out = subprocess.run([py, "-m", "pytest", *_PYTEST_ROOT, "-q", "--collect-only", "-m", mark, *paths],
-                         cwd=ROOT, capture_output=True, text=True)
+_COLLECT_ERROR_RE = re.compile(r"^ERROR collecting (\S+)")
+_COLLECT_REASON_RE = re.compile(r"^E\s+(\w+(?:Error|Exception)\b.*)$")
+
+
+def collect_errors(text: str) -> dict[str, str]:
+    """{test file: first error line} of the files pytest could not import (``ERROR collecting``)."""
+    errors, current = {}, None
+    for line in text.splitlines():
+        m = _COLLECT_ERROR_RE.search(line.strip("_ "))
+        if m:
+            current = m.group(1)
+            errors[current] = "import failed"
+            continue
+        m = _COLLECT_REASON_RE.match(line)
+        if current and m and errors[current] == "import failed":
+            errors[current] = m.group(1)[:160]
+    return errors
+
+
+def collect(py: str, paths: list[str], mark: str, log: str, timeout: float = 120.0
+            ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({test file: [node ids]} of the tests carrying ``mark``, {file: error} of the files that failed to
+    import) by pytest --collect-only; a file that fails to import (a package this machine lacks) does
+    not hide the others' tests."""
+    out = subprocess.run([py, "-m", "pytest", *_PYTEST_ROOT, "-q", "--collect-only", "--continue-on-collection-errors",
+                          "-m", mark, *paths], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     with open(log, "a") as f:
         f.write(out.stdout + out.stderr)
+    errors = collect_errors(out.stdout + out.stderr)
+    if out.returncode not in (0, 1, 5) and not errors:  # pytest itself could not run (e.g. not installed)
+        errors["pytest"] = (out.stderr.strip().splitlines() or [f"rc {out.returncode}"])[-1][:160]
     files: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():
         if "::" in line and not line.startswith(" "):
@@ -116,7 +140,7 @@ def collect(py: str, paths: list[str], mark: str, log: str) -> dict[str, list[st
                                                   for p in paths]
             path = next((c for c in cands if os.path.exists(c)), part)
             files.setdefault(os.path.relpath(path, ROOT), []).append(line.strip())
-    return files
+    return files, errors
 
 
 def _short(nodeid: str) -> str:
@@ -154,8 +178,13 @@ def run_test_files(py: str, files: dict[str, list[str]], clock: Clock, total: fl
     start = clock.elapsed()
     ordered = order_files(files)
     for i, f in enumerate(ordered):
-        share = (total - (clock.elapsed() - start)) / (len(ordered) - i)
-        budget = clock.budget(min(per_file, share))
+        # what is left of the test budget, shared by test count over the files still to run (a file of
+        # 45 tests gets more than one of 3), then at least min_step for every later file
+        left = total - (clock.elapsed() - start)
+        later = ordered[i + 1:]
+        n_here, n_rest = len(files[f]), sum(len(files[g]) for g in later)
+        share = min(left * n_here / max(n_here + n_rest, 1), left - clock.min_step * len(later))
+        budget = clock.budget(min(per_file, max(share, clock.min_step)))
         name = "tests " + os.path.basename(f)
         if budget <= 0:
             results.append(Result(name, "SKIPPED: past DEADLINE or test budget"))
@@ -206,11 +235,18 @@ def main() -> int:
     py = env.get("PYTHON", sys.executable)
     out_dir = os.path.abspath(env.get("OUT", os.path.join(ROOT, "benchmarks", "results", "gpu_check")))
     steps = env.get("STEPS", "build warm gputests bench").split()
-    clock = Clock(float(env.get("DEADLINE", 540)))
+    clock = Clock(float(env.get("DEADLINE", 540)), reserve=float(env.get("RESERVE", 30)))
+    # the benchmarks run as scripts (sys.path[0] = benchmarks/) and the build is in place, not installed
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    env = os.environ
     since = time.time() - 1
     bench_dir = os.path.abspath(env.get("BENCH_DIR", os.path.join(ROOT, "benchmarks")))
     results_dir = os.path.abspath(env.get("RESULTS_DIR", os.path.join(ROOT, "benchmarks", "results")))
-    logs = tempfile.mkdtemp(prefix="gpu_check_")  # packed into OUT at the end: OUT holds one file
+    # logs are written under OUT as they happen (a command killed before the end still returns them),
+    # and packed into OUT/gpu_check.tar.gz at the end
+    logs = os.path.join(out_dir, "gpu_check")
+    shutil.rmtree(logs, ignore_errors=True)
+    os.makedirs(logs)
     results: list[Result] = []
     outcomes: dict[str, str] = {}
     rc_all = 0
@@ -231,7 +267,7 @@ def main() -> int:
                  "triton.__version__); p = torch.cuda.get_device_capability(); print(torch.cuda.get_device_name(), "
                  "f'sm_{p[0]}{p[1]}'); print(f'CAP={p[0]}.{p[1]}')")
         if cap is None:
-            out = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+            out = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
             print(out.stdout + out.stderr, end="")
             m = re.search(r"CAP=(\d+\.\d+)", out.stdout)
             if not m:
@@ -244,13 +280,22 @@ def main() -> int:
                 subprocess.run(tool, cwd=ROOT, check=False, stderr=subprocess.DEVNULL)
         cc = int(cap.replace(".", ""))
         ncpu = os.cpu_count() or 2
-        results.append(Result("environment", "ok", clock.elapsed(), f"sm_{cc}, {ncpu} CPUs"))
+        missing = [m for m in ("pytest", "hypothesis", "yaml", "numpy", "torchvision", "av", "matplotlib")
+                   if subprocess.run([py, "-c", f"import {m}"], capture_output=True, timeout=60).returncode]
+        results.append(Result("environment", "ok", clock.elapsed(), f"sm_{cc}, {ncpu} CPUs"
+                              + (f"; missing Python packages: {', '.join(missing)}" if missing else "")))
+        if missing:
+            print(f"missing Python packages (tests importing them are reported as collection errors): {missing}")
 
         build_proc = None
+        build_cmd = shlex.split(env.get("BUILD_CMD", f"{py} setup.py -q build_ext --inplace"))
+        nvcc = "BUILD_CMD" in env or shutil.which("nvcc") or os.path.exists(
+            os.path.join(env.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
         if "build" in steps:
-            header(f"build (sm_{cc}) in the background")
-            build_cmd = shlex.split(env.get("BUILD_CMD", f"{py} setup.py -q build_ext --inplace"))
-            benv = dict(env, FORCE_CUDA="1", STSSA_CUDA_ARCHS=cap, MAX_JOBS=str(max(2, ncpu // 2)))
+            header(f"build (sm_{cc}) in the background" + ("" if nvcc else ": no nvcc, CPU-only extension"))
+            # without nvcc the CUDA RoIAlign cannot be built; the Triton ops need only the CPU extension
+            benv = dict(env, STSSA_CUDA_ARCHS=cap, MAX_JOBS=str(max(2, ncpu // 2)),
+                        **({"FORCE_CUDA": "1"} if nvcc else {"STSSA_NO_CUDA": "1"}))
             build_log = os.path.join(logs, "build.log")
             t_build = clock.budget(float(env.get("T_BUILD", 200)))
             build_t0 = time.monotonic()
@@ -273,13 +318,30 @@ def main() -> int:
                 os.killpg(build_proc.pid, signal.SIGKILL)
                 brc = None
             secs = time.monotonic() - build_t0
-            if brc != 0:
+            if brc != 0 and nvcc and "BUILD_CMD" not in env:
+                # the CUDA build failed: a CPU-only extension still lets the Triton tests and benchmarks run
+                tail(build_log, 40)
+                results.append(Result("build", ("TIMED OUT" if brc is None else f"FAILED (rc {brc})")
+                                      + ": CUDA RoIAlign not checked; retrying CPU-only", secs))
+                rc_all = 1
+                header("build, CPU-only extension (STSSA_NO_CUDA=1)")
+                brc, secs = run(build_cmd, build_log, clock.budget(120.0),
+                                env=dict(env, STSSA_NO_CUDA="1", MAX_JOBS=str(ncpu)))
+                results.append(Result("build CPU-only", "ok" if brc == 0 else f"FAILED (rc {brc})", secs))
+                if brc != 0:
+                    tail(build_log, 40)
+                    return 1
+            elif brc != 0:
                 tail(build_log, 40)
                 results.append(Result("build", "TIMED OUT" if brc is None else f"FAILED (rc {brc})", secs))
                 rc_all = 1
                 return 1
-            results.append(Result("build", "ok", secs))
-            subprocess.run([py, "-c", "import stssa_kernels; print('build info:', stssa_kernels.BUILD_INFO)"], cwd=ROOT)
+            else:
+                results.append(Result("build", "ok" if nvcc else "ok (CPU-only: no nvcc; CUDA RoIAlign not checked)",
+                                      secs))
+                rc_all |= not nvcc
+            subprocess.run([py, "-c", "import stssa_kernels; print('build info:', stssa_kernels.BUILD_INFO)"], cwd=ROOT,
+                           timeout=120)
         if "warm" in steps:
             header("warm the Triton cache: benchmark and STSSA-head configurations")
             log = os.path.join(logs, "warm.log")
@@ -292,7 +354,11 @@ def main() -> int:
         if "gputests" in steps:
             header("GPU tests")
             mark = env.get("TEST_MARK", "gpu")
-            files = collect(py, env.get("TEST_PATHS", "tests").split(), mark, os.path.join(logs, "collect.log"))
+            files, errors = collect(py, env.get("TEST_PATHS", "tests").split(), mark, os.path.join(logs, "collect.log"))
+            for f, why in errors.items():
+                results.append(Result(f"tests {os.path.basename(f)}", f"COLLECTION ERROR (its {mark} tests, if any, "
+                                      f"not run): {why}"))
+                rc_all = 1
             res, outcomes = run_test_files(py, files, clock, float(env.get("T_TESTS", 200)),
                                            float(env.get("T_FILE", 120)), logs, mark)
             for r in res:

@@ -58,6 +58,39 @@ def test_parse_outcomes_from_verbose_and_summary_lines():
                    "tests/test_a.py::test_three": "ERROR"}
 
 
+def test_collection_errors_are_named_with_their_reason():
+    text = textwrap.dedent("""\
+        tests/test_a.py::test_one
+        ==================================== ERRORS ====================================
+        ______________________ ERROR collecting tests/test_video.py ______________________
+        ImportError while importing test module '/repo/tests/test_video.py'.
+        E   ModuleNotFoundError: No module named 'av'
+        """)
+    assert gpu_check.collect_errors(text) == {"tests/test_video.py": "ModuleNotFoundError: No module named 'av'"}
+
+
+def test_file_budgets_follow_the_test_counts(monkeypatch, tmp_path):
+    """The test budget is shared by test count over the files still to run (the 45-test attention file
+    gets most of it, a 3-test file little), never below min_step for each later file."""
+    now = FakeTime()
+    clock = gpu_check.Clock(deadline=10_000, reserve=15, min_step=15, now=now)
+    files = {"tests/test_attention3d.py": ["a"] * 45, "tests/test_models.py": ["m"] * 9,
+             "tests/test_triton_launch.py": ["t"] * 3}
+    budgets = {}
+
+    def fake_run(cmd, log, budget, env=None, grace=10.0):  # every file uses up its budget
+        budgets[os.path.basename(cmd[-1])] = budget
+        now.t += budget
+        open(log, "w").close()
+        return None, budget
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    gpu_check.run_test_files(sys.executable, files, clock, total=200, per_file=1000, logs=str(tmp_path), mark="gpu")
+    first = 200 * 45 / 57
+    assert budgets["test_attention3d.py"] == pytest.approx(first)
+    assert budgets["test_models.py"] == pytest.approx(200 - first - 15)  # leaves min_step for the last file
+    assert budgets["test_triton_launch.py"] == pytest.approx(15)
+
+
 def test_file_order_puts_attention_first():
     files = ["tests/test_train.py", "tests/test_models.py", "tests/test_attention3d.py", "tests/test_x.py",
              "tests/test_temporal_proj.py"]
@@ -79,6 +112,7 @@ def _stand_ins(tmp_path):
         def test_after_slow():
             pass
         """))
+    (tests / "test_video_standin.py").write_text("import not_a_module_on_this_machine\n")  # a missing package
     (tests / "test_models_standin.py").write_text(textwrap.dedent("""\
         import pytest
         @pytest.mark.gpu
@@ -94,8 +128,9 @@ def _stand_ins(tmp_path):
     benches.mkdir()
     results = tmp_path / "results"
     results.mkdir()
-    (benches / "attn3d.py").write_text(
-        f"import json; json.dump({{'rows': 1}}, open({str(results / 'attn3d_gpu.json')!r}, 'w')); print('bench done')\n")
+    (benches / "attn3d.py").write_text(  # a benchmark runs as a script: the repository must be on its path
+        f"import json, os, sys; assert {ROOT!r} in sys.path, sys.path\n"
+        f"json.dump({{'rows': 1}}, open({str(results / 'attn3d_gpu.json')!r}, 'w')); print('bench done')\n")
     (benches / "temporal_proj.py").write_text("import time; time.sleep(60)\n")
     (benches / "head.py").write_text("print('never started')\n")
     return tests, benches, results
@@ -107,7 +142,7 @@ def test_whole_run_with_stand_in_steps(tmp_path):
     env = dict(os.environ, OUT=str(out), CAP="9.0", STEPS="gputests bench", TEST_PATHS=str(tests),
                T_TESTS="40", T_FILE="8", BENCH_DIR=str(benches), RESULTS_DIR=str(results),
                BENCHES="attn3d temporal_proj head", T_BENCH="attn3d=20 temporal_proj=200 head=20",
-               DEADLINE="52", PYTHON=sys.executable, TRITON_CACHE_DIR=str(tmp_path / "cache"))
+               DEADLINE="52", RESERVE="15", PYTHON=sys.executable, TRITON_CACHE_DIR=str(tmp_path / "cache"))
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=150)
     text = p.stdout
@@ -120,7 +155,12 @@ def test_whole_run_with_stand_in_steps(tmp_path):
     # per-test outcomes, also for the file whose budget ran out
     assert "test_slow: NOT RUN" in summary and "test_after_slow: NOT RUN" in summary
     assert "test_bad: FAILED" in summary
-    assert os.listdir(out) == ["gpu_check.tar.gz"]
+    # a file that fails to import is named with the reason, and the other files still run
+    assert "tests test_video_standin.py" in summary and "COLLECTION ERROR" in summary and \
+        "not_a_module_on_this_machine" in summary
+    # logs are written under OUT as they happen (a killed command still returns them), then packed
+    assert sorted(os.listdir(out)) == ["gpu_check", "gpu_check.tar.gz"]
+    assert (out / "gpu_check" / "summary.txt").exists()
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
         outcomes = json.load(tar.extractfile("gpu_check/gpu_tests.json"))

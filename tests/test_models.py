@@ -338,6 +338,7 @@ def test_stssa_fused_cpu_bf16_autocast_error_within_rule():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and FUSED_STSSA), reason="needs a CUDA device")
+@needs_torchvision  # the reference path pools RoIs with torchvision
 @pytest.mark.parametrize("amp", [None, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("embed_dim", [8, 64])  # 64: head dims the Triton kernels take (16-aligned)
 def test_gpu_stssa_fused_error_within_rule(amp, embed_dim):
