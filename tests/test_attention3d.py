@@ -300,6 +300,29 @@ def test_backward_inside_autocast_equals_backward_outside(amp, axis):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("forced, axis", [("torch_flash", "temporal"), ("torch_math", "spatial")])
+def test_backward_outside_the_force_block_uses_the_forwards_backend(forced, axis):
+    """``with DISPATCH.force(b): out = attention3d(...)`` and ``out.backward()`` after the block: the
+    backward reads the saved tensors of the backend that wrote them (it selected again, and crashed on
+    another backend's saved shapes: 16x16 spatial maps default to torch_flash, 8-frame temporal ones to
+    torch_math)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, r = (torch.randn(2, 4, 8, 16, 16, generator=g) for _ in range(4))
+    gamma = torch.tensor(0.5)
+    assert A.select(q, k, v, axis).backend != forced  # the default differs from the forced one
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, r, gamma)]
+    with A.DISPATCH.force(forced):
+        out = attention3d(*leaves[:3], axis, residual=leaves[3], gamma=leaves[4])
+    gy = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, gy)
+
+    def ref_grads(dtype):
+        ls = [t.to(dtype).requires_grad_() for t in (q, k, v, r, gamma)]
+        return torch.autograd.grad(attention3d_ref(*ls[:3], axis, 1, None, ls[3], ls[4]), ls, gy.to(dtype))
+    for name, a, r64, lp in zip("qkvrg", grads, ref_grads(torch.float64), ref_grads(torch.float32)):
+        assert_by_rule(a, r64, lp, f"grad {name}")
+
+
 def test_one_execution_path():
     """Eager forward and backward go through the two registered ops (one autograd.Function connects
     them), and compiled graphs hold the same two ops."""
@@ -708,3 +731,17 @@ def test_gpu_torch_compile_and_opcheck():
     torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-3)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_a_clear_error(mode):
+    """No forward formula: an error, not the zero tangents PyTorch gives an op it sees as a constant."""
+    q = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64)
+    f = lambda x: attention3d(x, x, x, "temporal")  # noqa: E731
+    with pytest.raises(NotImplementedError, match="attention3d: forward-mode AD"):
+        if mode == "func.jvp":
+            torch.func.jvp(f, (q,), (torch.randn_like(q),))
+        else:
+            import torch.autograd.forward_ad as fwAD
+            with fwAD.dual_level():
+                f(fwAD.make_dual(q, torch.randn_like(q)))

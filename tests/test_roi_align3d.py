@@ -691,3 +691,14 @@ def test_many_boxes_or_frames_per_clip_match_torchvision(t, k, dtype):
     else:
         base = roi_align3d_ref_loop(x.float(), boxes.float(), 7, 1 / 16, -1, True)
         assert_within_rule(out, ref, base, 1e-6)
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    """No forward formula: an error, not the zero tangents (func.jvp) or None (forward_ad) it gave."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(1, 2, 2, 6, 6, dtype=torch.float64)
+    b = torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="roi_align3d: forward-mode AD"):
+        torch.func.jvp(lambda a: roi_align3d(a, b, 2), (x,), (torch.randn_like(x),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="roi_align3d: forward-mode AD"):
+        roi_align3d(fwAD.make_dual(x, torch.randn_like(x)), b, 2)

@@ -454,3 +454,10 @@ def test_gpu_dispatch_and_channels_last():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = temporal_proj(x.float(), [w.float() for w in ws], [b.float() for b in bs])
     assert all(o.dtype == torch.bfloat16 for o in out)
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    """No forward formula: an error, not the zero tangents PyTorch gives an op it sees as a constant."""
+    x, ws, bs = make(dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="temporal_proj: forward-mode AD"):
+        torch.func.jvp(lambda a: temporal_proj(a, ws, bs)[0], (x,), (torch.randn_like(x),))

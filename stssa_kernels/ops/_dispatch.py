@@ -175,10 +175,13 @@ class Dispatcher:
             c = self._cache[p] = self._select(p)
         return c
 
-    def select_cached(self, key, make_problem) -> Choice:
+    def select_cached(self, key, make_problem, forced: Optional[str] = None) -> Choice:
         """:meth:`select` for the problem ``make_problem()`` describes, cached under ``key`` (a cheap
         hashable summary of the call, so a repeated eager call skips building the problem). Keys holding
-        symbolic sizes (torch.compile with dynamic shapes) are not hashable and go uncached."""
+        symbolic sizes (torch.compile with dynamic shapes) are not hashable and go uncached. ``forced``:
+        this backend, as if inside ``force(forced)`` (a backward running the forward's forced backend)."""
+        if forced is not None:
+            return self._forced_choice(make_problem(), forced)
         if self._forced is not None:
             return self._forced_choice(make_problem())
         try:
@@ -202,8 +205,8 @@ class Dispatcher:
                 return Choice(b.name, i, r.why, b.plan(p))
         raise AssertionError(f"{self.op}: the catch-all rule's backend declined {p}")
 
-    def _forced_choice(self, p: Problem) -> Choice:
-        b = self.backends[self._forced]
+    def _forced_choice(self, p: Problem, name: Optional[str] = None) -> Choice:
+        b = self.backends[name or self._forced]
         reasons = self._declines(b, p)
         if reasons:
             raise RuntimeError(f"{self.op}: forced backend {b.name!r} does not take this call: " + "; ".join(reasons))
@@ -250,6 +253,25 @@ def reason_if(cond: bool, text: str, out: list) -> None:
 
 
 __all__ = ["Problem", "Rule", "Backend", "Choice", "Dispatcher", "between", "reason_if"]
+
+
+_fwad = None
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """A clear error where forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) meets an op
+    with no forward formula: PyTorch would treat the op as a constant and return zero tangents."""
+    global _fwad
+    if _fwad is None:  # imported once (this module imports torch lazily)
+        import torch.autograd.forward_ad
+        _fwad = torch.autograd.forward_ad
+    if _fwad._current_level < 0:  # no dual level open (torch.func.jvp opens one too): the common case, ~50 ns
+        return
+    for t in tensors:
+        if t is not None and _fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                                      "implemented: its tangents would be silently zero; use reverse mode "
+                                      "(backward, torch.func.grad / vjp) or the reference in stssa_kernels.reference")
 
 
 def no_autocast(device_type: str):

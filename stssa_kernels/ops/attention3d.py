@@ -9,8 +9,10 @@ runs two registered ops, connected to autograd by one ``torch.autograd.Function`
   the flash kernels' backward, P or the sequence-layout copies of q/k/v the CPU path made) are what
   the backward needs.
 * ``torch.ops.stssa._attention3d_backward(grad_out, q, k, v, out, lse, saved, axis, heads, scale,
-  gamma?) -> (dq, dk, dv, dgamma)`` (``out``: the output when the call had no epilogue, else empty;
-  ``dgamma`` empty without gamma; the residual's gradient is ``grad_out`` itself).
+  gamma?, forced?) -> (dq, dk, dv, dgamma)`` (``out``: the output when the call had no epilogue, else
+  empty; ``dgamma`` empty without gamma; the residual's gradient is ``grad_out`` itself; ``forced``: the
+  backend the forward was forced to, so that a backward outside the ``DISPATCH.force`` block reads the
+  ``saved`` tensors of the backend that wrote them).
 
 Both are plain ``torch.library`` definitions with a CPU and a CUDA kernel and a fake kernel, so a
 call costs one dispatcher hop into Python (no custom_op wrapper layers), ``torch.compile(fullgraph=True)``
@@ -49,7 +51,7 @@ from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.attention3d import _SEQ_PERM, AXES, attention3d_ref, seq_count_and_length, to_seq
 from . import _arch
 from ._dispatch import Backend, Dispatcher, Problem, Rule, TritonBackend, between, register_op_pair
-from ._dispatch import no_autocast as _no_autocast
+from ._dispatch import no_autocast as _no_autocast, refuse_forward_ad
 
 __all__ = ["attention3d", "Attention3d", "SelfAttention3d", "DISPATCH", "select", "explain"]
 
@@ -163,12 +165,12 @@ def _problem(q: Tensor, v: Tensor, axis: str, heads: int) -> Attention3dProblem:
                               q.shape[1] // heads, v.shape[1] // heads, nseq * heads * L * L)
 
 
-def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1):
+def select(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1, forced: Optional[str] = None):
     """The dispatch decision (a :class:`~stssa_kernels.ops._dispatch.Choice`) for these inputs: a pure
-    function of device, arch, dtype and shapes (and of ``DISPATCH.force``)."""
+    function of device, arch, dtype and shapes (and of ``DISPATCH.force``, or ``forced``)."""
     dev = q.device
     key = (dev, _arch.capability(dev), q.dtype, q.shape, v.shape[1], axis, heads)
-    return DISPATCH.select_cached(key, lambda: _problem(q, v, axis, heads))
+    return DISPATCH.select_cached(key, lambda: _problem(q, v, axis, heads), forced)
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, axis: str, heads: int = 1, verbose: bool = False) -> str:
@@ -620,16 +622,16 @@ def _attention3d_fake(q, k, v, axis, heads, scale, residual, gamma):
     return out, lse, saved
 
 
-def _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma):
-    dq, dk, dv, dgamma = _backward_impl(select(q, k, v, axis, heads), grad_out, q, k, v, out, lse, saved, axis,
-                                        heads, scale, gamma)
+def _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma, forced=None):
+    dq, dk, dv, dgamma = _backward_impl(select(q, k, v, axis, heads, forced), grad_out, q, k, v, out, lse, saved,
+                                        axis, heads, scale, gamma)
     return dq, dk, dv, (dgamma if dgamma is not None else q.new_empty(0))
 
 
-def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma):
-    c = select(q, k, v, axis, heads)
+def _attention3d_backward_fake(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma, forced=None):
+    c = select(q, k, v, axis, heads, forced)
     if c.backend in ("torch_math", "torch_flash"):  # their gradients' strides follow the sequence layout
-        return _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma)
+        return _attention3d_backward_kernel(grad_out, q, k, v, out, lse, saved, axis, heads, scale, gamma, forced)
     dgamma = torch.empty_like(gamma) if gamma is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
 
@@ -638,7 +640,8 @@ _LIB, _forward_op, _backward_op = register_op_pair(  # _LIB kept alive with the 
     "attention3d(Tensor q, Tensor k, Tensor v, str axis, int heads, float scale, Tensor? residual, "
     "Tensor? gamma) -> (Tensor, Tensor, Tensor[])",
     "_attention3d_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor[] saved, str axis, int heads, float scale, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor[] saved, str axis, int heads, float scale, Tensor? gamma, str? forced=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     _attention3d_kernel, _attention3d_backward_kernel, _attention3d_fake, _attention3d_backward_fake)
 
 
@@ -651,6 +654,7 @@ class _Attention3dFunction(torch.autograd.Function):
         # without an epilogue the flash kernels' backward takes delta = rowsum(dY * O) from the output
         ctx.save_for_backward(q, k, v, out if residual is None and gamma is None else None, lse, gamma, *saved)
         ctx.axis, ctx.heads, ctx.scale, ctx.has_residual = axis, heads, scale, residual is not None
+        ctx.forced = DISPATCH.forced  # the backward reads this backend's saved tensors, wherever it runs
         return out
 
     @staticmethod
@@ -661,7 +665,7 @@ class _Attention3dFunction(torch.autograd.Function):
         q, k, v, out, lse, gamma, *saved = ctx.saved_tensors
         with _no_autocast(q.device.type):
             dq, dk, dv, dgamma = _backward_op(grad_out, q, k, v, out if out is not None else q.new_empty(0), lse,
-                                              saved, ctx.axis, ctx.heads, ctx.scale, gamma)
+                                              saved, ctx.axis, ctx.heads, ctx.scale, gamma, ctx.forced)
         return (dq, dk, dv, grad_out if ctx.has_residual else None, dgamma if gamma is not None else None,
                 None, None, None)
 
@@ -733,6 +737,7 @@ def _run(q, k, v, axis, heads, scale, residual, gamma) -> Tensor:
                                     or (residual is not None and residual.requires_grad)
                                     or (gamma is not None and gamma.requires_grad)):
         return _Attention3dFunction.apply(q, k, v, residual, gamma, axis, heads, scale)
+    refuse_forward_ad("attention3d", q, k, v, residual, gamma)
     return _forward_op(q, k, v, axis, heads, scale, residual, gamma)[0]
 
 

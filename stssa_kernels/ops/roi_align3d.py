@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext  # noqa: F401  (schemas and kernels)
+from ._dispatch import refuse_forward_ad
 
 BoxesType = Union[Tensor, Sequence[Tensor]]
 
@@ -159,6 +160,7 @@ def roi_align3d(input: Tensor, boxes: BoxesType, output_size, spatial_scale: flo
         raise ValueError(f"roi_align3d: input height and width must be positive, got {tuple(input.shape)}")
     if not torch.compiler.is_compiling() and _has_data(rois):
         _check_values(rois, input, ph, pw, spatial_scale, sampling_ratio, bool(aligned))
+    refuse_forward_ad("roi_align3d", input)
     return torch.ops.stssa.roi_align3d(input, rois, spatial_scale, ph, pw, sampling_ratio, bool(aligned))
 
 

@@ -57,7 +57,7 @@ from .. import _ext  # noqa: F401  (the C++ library owns the "stssa" namespace)
 from ..reference.temporal_proj import temporal_proj_ref
 from . import _arch
 from ._dispatch import (Backend, Dispatcher, Problem, Rule, TritonBackend, between, no_autocast as _no_autocast,
-                        register_op_pair)
+                        refuse_forward_ad, register_op_pair)
 
 __all__ = ["temporal_proj", "TemporalProjection", "DISPATCH", "select", "explain", "pack_weights", "pack_biases"]
 
@@ -652,6 +652,7 @@ def _run(x, weights, biases) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
                                     or any(b is not None and b.requires_grad for b in biases)):
         return _TemporalProjFunction.apply(x, len(weights), *weights, *biases)
+    refuse_forward_ad("temporal_proj", x, *weights, *biases)
     return _forward_op(x, weights, biases)
 
 
