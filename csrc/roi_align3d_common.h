@@ -65,9 +65,8 @@ STSSA_HD RoiGeometry<T> roi_geometry(const T* box, T spatial_scale, int pooled_h
   g.bin_w = roi_w / static_cast<T>(pooled_w);
   g.grid_h = adaptive_grid(roi_h, pooled_h, sampling_ratio);
   g.grid_w = adaptive_grid(roi_w, pooled_w, sampling_ratio);
-  // One division per box instead of one per sample: in double precision a division is a subroutine
-  // call whose ABI made ptxas spill in the sample loops (seen in compile_check). Results differ from
-  // torchvision's (i + 0.5) * bin / grid by at most an ulp or two.
+  // bin / grid: the sample spacing, for the index ranges of sample_range / axis_pixel_span (supersets,
+  // so its rounding does not matter); the sample coordinates themselves come from sample_coord.
   g.step_h = g.grid_h > 0 ? g.bin_h / static_cast<T>(g.grid_h) : T(0);
   g.step_w = g.grid_w > 0 ? g.bin_w / static_cast<T>(g.grid_w) : T(0);
   const int n = g.grid_h * g.grid_w;
@@ -75,10 +74,13 @@ STSSA_HD RoiGeometry<T> roi_geometry(const T* box, T spatial_scale, int pooled_h
   return g;
 }
 
-// Coordinate of sample i (0 <= i < grid) of bin p.
+// Coordinate of sample i (0 <= i < grid) of bin p, in torchvision's order of operations,
+// start + p * bin + (i + 0.5) * bin / grid: a sample torchvision puts exactly on -1 or on the map's
+// edge (in range) must land there here too. With a precomputed bin / grid it could land an ulp
+// outside and be dropped (seen: a 1/16-scale aligned box, sampling_ratio 3, bin value 5.33 vs 10.67).
 template <typename T>
-STSSA_HD T sample_coord(T start, T bin, T step, int p, int i) {
-  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * step;
+STSSA_HD T sample_coord(T start, T bin, int grid, int p, int i) {
+  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * bin / static_cast<T>(grid);
 }
 
 // One axis of a bilinear sample: the two neighbouring indices and their weights. A sample outside
@@ -158,8 +160,8 @@ template <typename T>
 STSSA_HD bool axis_pixel_span(T start, T bin, T step, int grid, int pooled, int64_t size, int64_t* lo,
                               int64_t* hi) {
   if (grid <= 0 || pooled <= 0 || size <= 0) return false;
-  const T a = sample_coord(start, bin, step, 0, 0);
-  const T b = sample_coord(start, bin, step, pooled - 1, grid - 1);
+  const T a = sample_coord(start, bin, grid, 0, 0);
+  const T b = sample_coord(start, bin, grid, pooled - 1, grid - 1);
   const T cmin = a < b ? a : b, cmax = a < b ? b : a;
   if (!(cmax >= T(-1)) || !(cmin <= static_cast<T>(size))) return false;  // also NaN
   const T flo = floor(cmin) - T(1), fhi = floor(cmax) + T(2);
@@ -224,11 +226,11 @@ STSSA_HD T gather_pixel(const T* rois, int64_t n_tb, bool per_frame, const int32
     T acc = T(0);
     for (int sy = y0; sy <= y1; ++sy) {
       const int ph = sy / g.grid_h;
-      const T wy = weight_on_pixel(sample_coord(g.start_h, g.bin_h, g.step_h, ph, sy - ph * g.grid_h), y, H);
+      const T wy = weight_on_pixel(sample_coord(g.start_h, g.bin_h, g.grid_h, ph, sy - ph * g.grid_h), y, H);
       if (wy == T(0)) continue;
       for (int sx = x0; sx <= x1; ++sx) {
         const int pw = sx / g.grid_w;
-        const T wx = weight_on_pixel(sample_coord(g.start_w, g.bin_w, g.step_w, pw, sx - pw * g.grid_w), x, W);
+        const T wx = weight_on_pixel(sample_coord(g.start_w, g.bin_w, g.grid_w, pw, sx - pw * g.grid_w), x, W);
         if (wx == T(0)) continue;
         acc += wy * wx * static_cast<T>(go[ph * gH + pw * gW]);
       }

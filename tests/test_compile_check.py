@@ -24,7 +24,13 @@ def _spec(cc, layout, dtype, shape, dv, axis, kernel):
 
 def test_default_archs_include_sm86():
     assert CC.DEFAULT_ARCHS == ["sm_75", "sm_80", "sm_86", "sm_90"]
-    assert [TK.arch_family(cc) for cc in (75, 80, 86, 87, 89, 90)] == [75, 80, 86, 80, 86, 90]
+    assert [TK.arch_family(cc) for cc in (75, 80, 86, 87, 89, 90, 100, 120, 121)] == [75, 80, 86, 80, 86, 90, 90, 86, 86]
+    # sm_120/121 (RTX 50xx class, ~100 KB of shared memory per block) take the sm_80-family tiles: the
+    # sm90 temporal_proj tiles need 128-147 KB
+    from stssa_kernels.ops import _arch
+    from stssa_kernels.triton import temporal_proj as TP
+    assert [_arch.family(cc) for cc in (75, 80, 89, 90, 100, 120)] == [75, 80, 80, 90, 90, 80]
+    assert TP.pick_config(120, 256, [256]) is TP.CONFIGS["sm80"] and TP.pick_config(90, 256, [256]) is TP.CONFIGS["sm90"]
 
 
 def test_specs_carry_the_layouts_unit_strides():

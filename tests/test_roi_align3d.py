@@ -702,3 +702,45 @@ def test_forward_mode_ad_is_a_clear_error():
         torch.func.jvp(lambda a: roi_align3d(a, b, 2), (x,), (torch.randn_like(x),))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="roi_align3d: forward-mode AD"):
         roi_align3d(fwAD.make_dual(x, torch.randn_like(x)), b, 2)
+
+
+@needs_tv
+def test_samples_exactly_on_the_map_edge_are_kept():
+    """A sample torchvision places exactly on -1 (or on H/W) is in range: computing it as start + (i + 0.5)
+    * (bin / grid) put it an ulp outside and dropped it (bin (1, 1): 5.33 instead of 10.67). Then a sweep
+    of AVA-like integer boxes at stride 16 with odd sampling grids, fp32, forward and backward."""
+    x = (torch.arange(25.0) + 1).reshape(1, 1, 1, 5, 5)
+    rois = torch.tensor([[0, -48.0, -16.0, 32.0, 128.0]])
+    xr = x.clone().requires_grad_()
+    out = roi_align3d(xr, rois, 3, 1 / 16, 3, True)
+    xt = x[:, :, 0].clone().requires_grad_()
+    ref = torchvision.ops.roi_align(xt, rois, 3, 1 / 16, 3, True)
+    torch.testing.assert_close(out[:, :, 0], ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), xr)[0][:, :, 0], torch.autograd.grad(ref.sum(), xt)[0],
+                               rtol=0, atol=2 ** -23)
+    gen = torch.Generator().manual_seed(8)
+    feats = torch.randn(2, 3, 1, 16, 16, generator=gen)
+    xy = torch.randint(-32, 256, (400, 2), generator=gen).float()
+    wh = torch.randint(8, 200, (400, 2), generator=gen).float()
+    boxes = torch.cat([torch.randint(0, 2, (400, 1), generator=gen).float(), xy, xy + wh], 1)
+    for sr in (3, 5, 6):
+        a = feats.clone().requires_grad_()
+        o = roi_align3d(a, boxes, 7, 1 / 16, sr, True)
+        o64 = roi_align3d_ref(feats.double(), boxes.double(), 7, 1 / 16, sr, True)
+        base = torchvision.ops.roi_align(feats[:, :, 0], boxes, 7, 1 / 16, sr, True)[:, :, None]
+        assert_within_rule(o.detach(), o64, base, floor=1e-6)
+
+
+def test_unsampled_inf_pixels_do_not_reach_the_output():
+    """Pixels between sparse samples have zero weight in a bin's band: 0 * inf must not make NaN
+    (torchvision reads per sample and never touches them)."""
+    x = torch.ones(1, 2, 1, 16, 16)
+    x[..., 8, 8] = float("inf")  # samples at 4 and 12 with sampling_ratio 2 over a 16-pixel bin
+    box = torch.tensor([[0, 0.0, 0.0, 16.0, 16.0]])
+    for xx in (x, x.contiguous(memory_format=torch.channels_last_3d), x.half()):
+        out = roi_align3d(xx, box, 1, 1.0, 2, False)
+        torch.testing.assert_close(out.float(), torch.ones(1, 2, 1, 1, 1))
+    # the backward likewise: a NaN output gradient reaches the sampled pixels only
+    g = torch.full((1, 2, 1, 1, 1), float("nan"))
+    g_in = torch.ops.stssa._roi_align3d_backward(g, box, 1.0, 1, 1, 1, 2, 1, 16, 16, 2, False, False, False)
+    assert torch.isnan(g_in[..., 4, 4]).all() and (g_in[..., 8, 8] == 0).all() and (g_in[..., 0, 0] == 0).all()

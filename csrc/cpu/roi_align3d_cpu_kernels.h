@@ -95,7 +95,8 @@ STSSA_KERNEL_ATTR void forward_box(const src_t* __restrict P, int64_t rs, int64_
     const acc_t* wy = by.w + by.off[ph];
     for (int64_t xi = 0; xi < bx.span; ++xi) {
       V acc = V::zero();
-      for (int j = 0; j < ny; ++j) acc.fma(wy[j], P + (y0 + j) * rs + xi * cs);
+      for (int j = 0; j < ny; ++j)  // a zero weight (a row between sparse samples) must not turn inf into NaN
+        if (wy[j] != acc_t(0)) acc.fma(wy[j], P + (y0 + j) * rs + xi * cs);
       acc.store(tmp + xi * CB, acc_t(1));
     }
     for (int pw = 0; pw < pw_n; ++pw) {
@@ -103,7 +104,8 @@ STSSA_KERNEL_ATTR void forward_box(const src_t* __restrict P, int64_t rs, int64_
       const int nx = bx.count[pw];
       const acc_t* t = tmp + (bx.first[pw] - bx.lo) * CB;
       const acc_t* wx = bx.w + bx.off[pw];
-      for (int i = 0; i < nx; ++i) acc.fma(wx[i], t + i * CB);
+      for (int i = 0; i < nx; ++i)
+        if (wx[i] != acc_t(0)) acc.fma(wx[i], t + i * CB);
       acc.store(o + pw * CB, inv_count);
     }
   }
@@ -125,11 +127,13 @@ STSSA_KERNEL_ATTR void backward_box(const acc_t* __restrict g, const BandsView<a
       acc_t* t = tmp + (bx.first[pw] - bx.lo) * CB;
       const acc_t* wx = bx.w + bx.off[pw];
       const int nx = bx.count[pw];
-      for (int i = 0; i < nx; ++i) gv.axpy_to(wx[i], t + i * CB);
+      for (int i = 0; i < nx; ++i)
+        if (wx[i] != acc_t(0)) gv.axpy_to(wx[i], t + i * CB);
     }
     const acc_t* wy = by.w + by.off[ph];
     for (int j = 0; j < ny; ++j) {
       const acc_t a = wy[j];
+      if (a == acc_t(0)) continue;
       acc_t* row = G + ((by.first[ph] + j) * gw + bx.lo) * CB;
       for (int64_t i = 0; i < bx.span * CB; ++i) row[i] += a * tmp[i];
     }

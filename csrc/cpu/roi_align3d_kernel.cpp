@@ -128,7 +128,7 @@ struct Bands {
 };
 
 template <typename acc_t>
-void build_bands(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64_t size, Bands<acc_t>& b) {
+void build_bands(acc_t start, acc_t bin, int grid, int pooled, int64_t size, Bands<acc_t>& b) {
   b.first.assign(pooled, 0);
   b.count.assign(pooled, 0);
   b.off.assign(pooled, 0);
@@ -137,7 +137,7 @@ void build_bands(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64
   for (int p = 0; p < pooled; ++p) {
     int64_t lo = size, hi = -1;
     for (int i = 0; i < grid; ++i) {
-      const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
+      const auto a = roi::axis_weights(roi::sample_coord(start, bin, grid, p, i), size);
       if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;  // outside the map
       lo = std::min(lo, a.lo);
       hi = std::max(hi, a.hi);
@@ -149,7 +149,7 @@ void build_bands(acc_t start, acc_t bin, acc_t step, int grid, int pooled, int64
     b.w.resize(b.w.size() + (hi - lo + 1), acc_t(0));
     acc_t* w = b.w.data() + b.off[p];
     for (int i = 0; i < grid; ++i) {
-      const auto a = roi::axis_weights(roi::sample_coord(start, bin, step, p, i), size);
+      const auto a = roi::axis_weights(roi::sample_coord(start, bin, grid, p, i), size);
       if (a.w_lo == acc_t(0) && a.w_hi == acc_t(0)) continue;
       w[a.lo - lo] += a.w_lo;
       w[a.hi - lo] += a.w_hi;
@@ -173,8 +173,8 @@ void box_tables(const acc_t* box, acc_t spatial_scale, int ph_n, int pw_n, int s
                 int64_t H, int64_t W, BoxTables<acc_t>& bt) {
   const auto g = roi::roi_geometry(box, spatial_scale, ph_n, pw_n, sampling_ratio, aligned);
   bt.inv_count = acc_t(1) / g.count;
-  build_bands(g.start_h, g.bin_h, g.step_h, g.grid_h, ph_n, H, bt.y);
-  build_bands(g.start_w, g.bin_w, g.step_w, g.grid_w, pw_n, W, bt.x);
+  build_bands(g.start_h, g.bin_h, g.grid_h, ph_n, H, bt.y);
+  build_bands(g.start_w, g.bin_w, g.grid_w, pw_n, W, bt.x);
   bt.empty = bt.y.span == 0 || bt.x.span == 0;
 }
 

@@ -118,10 +118,10 @@ roi_align3d_forward_kernel(const scalar_t* __restrict__ input, Shape5 s, Strides
     const scalar_t* plane = input + static_cast<int64_t>(b) * si.s0 + c * si.s1 + t * si.s2;
     acc_t sum = 0;
     for (int iy = 0; iy < g.grid_h; ++iy) {
-      const auto ay = roi::axis_weights(roi::sample_coord(g.start_h, g.bin_h, g.step_h, ph, iy), s.H);
+      const auto ay = roi::axis_weights(roi::sample_coord(g.start_h, g.bin_h, g.grid_h, ph, iy), s.H);
       if (ay.w_lo == acc_t(0) && ay.w_hi == acc_t(0)) continue;
       for (int ix = 0; ix < g.grid_w; ++ix) {
-        const auto ax = roi::axis_weights(roi::sample_coord(g.start_w, g.bin_w, g.step_w, pw, ix), s.W);
+        const auto ax = roi::axis_weights(roi::sample_coord(g.start_w, g.bin_w, g.grid_w, pw, ix), s.W);
         const acc_t v1 = static_cast<acc_t>(plane[ay.lo * si.s3 + ax.lo * si.s4]);
         const acc_t v2 = static_cast<acc_t>(plane[ay.lo * si.s3 + ax.hi * si.s4]);
         const acc_t v3 = static_cast<acc_t>(plane[ay.hi * si.s3 + ax.lo * si.s4]);
@@ -156,10 +156,10 @@ roi_align3d_backward_atomic_kernel(const scalar_t* __restrict__ grad, Strides5 s
     if (gv == acc_t(0)) continue;
     acc_t* plane = grad_in + ((static_cast<int64_t>(b) * s.C + c) * s.T + t) * s.H * s.W;
     for (int iy = 0; iy < g.grid_h; ++iy) {
-      const auto ay = roi::axis_weights(roi::sample_coord(g.start_h, g.bin_h, g.step_h, ph, iy), s.H);
+      const auto ay = roi::axis_weights(roi::sample_coord(g.start_h, g.bin_h, g.grid_h, ph, iy), s.H);
       if (ay.w_lo == acc_t(0) && ay.w_hi == acc_t(0)) continue;
       for (int ix = 0; ix < g.grid_w; ++ix) {
-        const auto ax = roi::axis_weights(roi::sample_coord(g.start_w, g.bin_w, g.step_w, pw, ix), s.W);
+        const auto ax = roi::axis_weights(roi::sample_coord(g.start_w, g.bin_w, g.grid_w, pw, ix), s.W);
         if (ax.w_lo == acc_t(0) && ax.w_hi == acc_t(0)) continue;
         atomicAdd(plane + ay.lo * s.W + ax.lo, gv * ay.w_lo * ax.w_lo);
         atomicAdd(plane + ay.lo * s.W + ax.hi, gv * ay.w_lo * ax.w_hi);

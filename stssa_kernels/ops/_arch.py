@@ -53,8 +53,9 @@ def capability(device: torch.device) -> int:
 
 def family(cc: int) -> int:
     """Architecture family of a compute capability: 75 (Turing: no bf16 tensor cores, Triton's tl.dot on
-    FFMA), 80 (Ampere/Ada: HMMA), 90 (Hopper: HGMMA)."""
-    return 90 if cc >= 90 else 80 if cc >= 80 else 75
+    FFMA), 80 (Ampere/Ada, and the consumer Blackwell sm_120/121: mma.sync, about 100 KB of shared memory
+    per block), 90 (Hopper and the datacenter Blackwell sm_100/103: 228 KB; HGMMA on Hopper)."""
+    return 90 if 90 <= cc < 120 else 80 if cc >= 80 else 75
 
 
 @contextlib.contextmanager

@@ -440,7 +440,9 @@ def pack_biases(biases, weights: Sequence[Tensor]) -> Optional[Tensor]:
     if biases is None or all(b is None for b in biases):
         return None
     parts = [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    # contiguous: the Triton kernels read the packed bias at unit stride (a strided single bias was read
+    # as its storage's first elements)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
 def _unpack_weight_grads(dwp: Tensor, weights: Sequence[Tensor]) -> list:

@@ -656,11 +656,12 @@ MIN_PROGRAMS = 256
 
 
 def arch_family(cc: int) -> int:
-    """The tile family of compute capability ``cc``: 75, 80 (A100 class), 86 (sm_86/89) or 90."""
-    if cc >= 90:
+    """The tile family of compute capability ``cc``: 75, 80 (A100 class), 86 (sm_86/89/120/121) or 90
+    (sm_90/100/103)."""
+    if 90 <= cc < 120:
         return 90
-    if cc in (86, 89):  # RTX 30xx / 40xx class; sm_87 (Orin) has the A100's shared memory
-        return 86
+    if cc in (86, 89) or cc >= 120:  # RTX 30xx/40xx/50xx class (~100 KB shared memory per block, mma.sync);
+        return 86                    # sm_87 (Orin) has the A100's shared memory
     return 80 if cc >= 80 else 75
 
 

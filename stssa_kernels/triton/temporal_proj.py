@@ -251,18 +251,24 @@ CONFIGS = {
 }
 
 
+def _family(cc: int) -> int:
+    """90 for sm_90/100/103 (228 KB of shared memory per block), else 80 (sm_80/86/89/120/121)."""
+    return 90 if 90 <= cc < 120 else 80
+
+
 def pick_config(cc: int | None, in_channels: int, out_channels) -> TileConfig:
     """Tile configuration for compute capability ``cc`` (major*10+minor; None = interpreter)."""
     if cc is None or max(out_channels) < 128 or in_channels < 128:
         return CONFIGS["small"]
-    return CONFIGS["sm90"] if cc >= 90 else CONFIGS["sm80"]
+    # by family: the sm90 tiles need 128-147 KB of shared memory, which sm_120/121 (family 80) lack
+    return CONFIGS["sm90"] if _family(cc) == 90 else CONFIGS["sm80"]
 
 
 def configs_for_arch(cc: int) -> list[TileConfig]:
     """Every configuration `pick_config` can return for this arch."""
     if cc < 80:
         return []  # the dispatcher never runs Triton on sm_75: tl.dot lowers to FFMA there
-    return [CONFIGS["sm90"] if cc >= 90 else CONFIGS["sm80"], CONFIGS["small"]]
+    return [CONFIGS["sm90"] if _family(cc) == 90 else CONFIGS["sm80"], CONFIGS["small"]]
 
 
 # ----------------------------------------------------------------------------------------------
