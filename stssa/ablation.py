@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,11 @@ def ensure_dataset(root: Path, data_args: dict) -> None:
         if all(args.get(k) == v for k, v in data_args.items()) and set(map(int, classes)) == set(SYNTHETIC_ACTIONS):
             print(f"[ablation] reusing the synthetic dataset in {root}")
             return
+    # regenerate only what is ours to replace: a new or empty folder, or a synthetic set (other arguments)
+    ours = info.exists() and json.loads(info.read_text()).get("generator") == "stssa.data.synthetic"
+    if root.exists() and any(root.iterdir()) and not ours:
+        raise FileExistsError(f"{root} holds files that are not a synthetic set of stssa.data.synthetic (no "
+                              f"{info.name} of it); pass a new or empty --data folder (nothing was deleted)")
     t0 = time.perf_counter()
     make_dataset(root, overwrite=True, **data_args)
     print(f"[ablation] wrote the synthetic dataset to {root} in {time.perf_counter() - t0:.1f}s")
@@ -633,6 +639,14 @@ def run_ablation(rows: Sequence[str], seeds: int, out: Path, data_root: Path, pr
         raise ValueError(f"--rows: unknown rows {unknown}; known: {ROW_NAMES}")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if head_overrides:  # a bad key fails here, not after the dataset, the backbone and the feature cache
+        configs = {r[0]: r[1] for r in ROWS}
+        for name in rows:
+            with torch.device("meta"):
+                try:
+                    build_row_head(configs[name], 64, 16, 0, head_overrides)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"--head-set {head_overrides}: row {name!r}: {e}") from None
     torch.set_num_threads(protocol["threads"])
     t_start = time.perf_counter()
     ensure_dataset(data_root, protocol["data"])
@@ -706,7 +720,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stssa.ablation", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="rows: " + ", ".join(ROW_NAMES) + " (probe_flat: not run by default)")
-    ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all; baseline first)")
+    ap.add_argument("--rows", nargs="*", default=None, choices=ROW_NAMES,
+                    help="rows to run (default: all; baseline first)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; --quick 1)")
     ap.add_argument("--out", default="runs/ablation", help="results.json / .md / .png and the backbone run")
     ap.add_argument("--data", default=None, help="dataset folder (default data/synthetic_ablation[_quick])")
@@ -735,8 +750,12 @@ def main(argv=None) -> int:
     protocol["backbone_overrides"] = list(protocol["backbone_overrides"]) + list(args.backbone_set)
     head_overrides = {}
     for item in args.head_set:
-        k, _, v = item.partition("=")
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            ap.error(f"--head-set: expected KEY=VALUE, got {item!r}")
         head_overrides[k] = yaml.safe_load(v)
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     rows = args.rows if args.rows else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     seeds = args.seeds if args.seeds is not None else protocol["seeds"]
     data = Path(args.data or ("data/synthetic_ablation_quick" if args.quick else "data/synthetic_ablation"))
@@ -744,8 +763,12 @@ def main(argv=None) -> int:
         res = diagnose(Path(args.out), Path(args.work or args.out), rows)
         print(json.dumps(res, indent=1))
         return 0
-    doc = run_ablation(rows, seeds, Path(args.out), data, protocol, name, quiet=args.quiet,
-                       work=Path(args.work) if args.work else None, head_overrides=head_overrides)
+    try:
+        doc = run_ablation(rows, seeds, Path(args.out), data, protocol, name, quiet=args.quiet,
+                           work=Path(args.work) if args.work else None, head_overrides=head_overrides)
+    except (ValueError, FileExistsError) as e:  # argument and data-folder errors, before any training
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print()
     print(markdown_table(doc))
     print(f"[ablation] wrote {Path(args.out) / 'results.json'}, results.md, results.png ({doc.get('wall_s', 0):.0f}s)")

@@ -18,6 +18,7 @@ same code) for two heads and one seed.
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 from pathlib import Path
 
@@ -53,10 +54,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
 
     data, out = Path(args.data), Path(args.out)
     protocol = copy.deepcopy(PROTOCOLS["demo"])
-    doc = run_ablation(args.rows, args.seeds, out, data, protocol, "demo", quiet=args.quiet)
+    try:
+        doc = run_ablation(args.rows, args.seeds, out, data, protocol, "demo", quiet=args.quiet)
+    except (ValueError, FileExistsError) as e:  # argument and data-folder errors, before any training
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\nframe-mAP@0.5 on the synthetic val split (official AVA protocol)\n")
     print(markdown_table(doc))
     print(f"[demo] wrote {out / 'results.json'}, results.md, results.png")

@@ -439,15 +439,32 @@ def detection_rows(video_id: str, keyframes: list[dict], class_ids) -> list[tupl
 
 def write_rows(path, rows) -> int:
     """Write detection rows; whole-second timestamps through :func:`stssa.evaluate.write_detections_csv`
-    (the AVA form), fractional ones with 3 decimals."""
+    (the AVA form), fractional ones with 3 decimals. Atomic: a temporary file then ``os.replace``, so an
+    interrupted run leaves the previous file whole."""
+    import tempfile
+
     from stssa.evaluate import write_detections_csv
-    if all(Fraction(r[1]).denominator == 1 for r in rows):
-        return write_detections_csv(path, [(r[0], int(r[1])) + tuple(r[2:]) for r in rows])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        for v, t, x1, y1, x2, y2, a, s in rows:
-            f.write(f"{v},{float(t):.3f},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},{int(a)},{float(s):.6g}\n")
-    return len(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if all(Fraction(r[1]).denominator == 1 for r in rows):
+            n = write_detections_csv(tmp, [(r[0], int(r[1])) + tuple(r[2:]) for r in rows])
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                for v, t, x1, y1, x2, y2, a, s in rows:
+                    f.write(f"{v},{float(t):.3f},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},{int(a)},{float(s):.6g}\n")
+            n = len(rows)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
 
 
 def render_outputs(video, video_id: str, keyframes: list[dict], out_dir, fps, every, names: dict, class_ids,
@@ -538,6 +555,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.topk < 1 or a.batch_size < 1 or a.every <= 0:
         p.error("need --topk >= 1, --batch-size >= 1, --every > 0")
+    if a.start is not None and a.end is not None and a.start >= a.end:
+        p.error(f"need --start < --end, got {float(a.start):g} and {float(a.end):g}")
+    stems = [Path(v).stem for v in a.video]
+    dups = sorted({s for s in stems if stems.count(s) > 1})
+    if dups:
+        p.error(f"--video: the video id is the file's stem, and {dups} name(s) more than one file "
+                "(their detections would merge under one id)")
     if a.detector_weights and not a.person_detector:
         p.error("--detector-weights goes with --person-detector torchvision")
     if a.threads is not None and a.threads < 1:
@@ -564,17 +588,43 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fps = as_fraction((cfg.get("data") or {}).get("fps", 30))
+    # argument errors found once, before any video (they used to fail every video alike, exit 1)
+    if (as_fraction(a.every) * fps).denominator != 1:
+        print(f"error: --every {float(a.every):g} s must be a whole number of frames at {fps} fps", file=sys.stderr)
+        return 2
+    if a.start is not None:
+        first_kf = math.ceil(a.start / a.every) * a.every
+        if ((first_kf - a.start) * fps).denominator != 1:
+            print(f"error: --start {float(a.start):g} s is not on the 1/{fps} s frame grid of the keyframes",
+                  file=sys.stderr)
+            return 2
+    tables: dict[str, object] = {}  # video id -> its boxes, or the ValueError saying it has none
+    if detector is None:
+        for vid in stems:
+            try:
+                tables[vid] = read_person_boxes(a.boxes, vid, threshold)
+            except ValueError as e:
+                if isinstance(e, AVAFormatError):
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                tables[vid] = e
+            except OSError as e:  # a missing or unreadable --boxes file: nothing can run
+                print(f"error: --boxes {a.boxes}: {e}", file=sys.stderr)
+                return 2
+    from stssa.data.frames import expected_frame_count
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows, failed, t0 = [], [], time.perf_counter()
-    for video in a.video:
-        vid = Path(video).stem
+    for video, vid in zip(a.video, stems):
         try:
             if detector is not None:
                 def boxes_for(kfs):
                     return detector([im for _, im in kfs])
             else:
-                table = read_person_boxes(a.boxes, vid, threshold)
+                table = tables[vid]
+                if isinstance(table, Exception):
+                    raise table
 
                 def boxes_for(kfs, table=table):
                     return [table.get(int(t), np.zeros((0, 5), np.float32)) if t.denominator == 1
@@ -582,26 +632,47 @@ def main(argv=None) -> int:
             info = probe_video(video)
             lo = max(info.start, float(a.start)) if a.start is not None else info.start
             hi = min(info.end, float(a.end)) if a.end is not None and info.end is not None else (info.end or lo)
+            decoded = [0]
+
+            def progress(n, bar=None):
+                decoded[0] += n
+                bar.update(n)
             with tqdm(total=max(0, round((hi - lo) * float(fps))), unit="frame", desc=vid, disable=a.quiet,
                       dynamic_ncols=True) as bar:
                 kfs = infer_video(model, cfg, video, boxes_for, a.every, a.start, a.end, a.batch_size, device,
-                                  progress=bar.update)
+                                  progress=lambda n, bar=bar: progress(n, bar))
             if not kfs:
                 raise VideoReadError(f"{video}: no frame in the requested segment")
+            # a file that stops decoding well before the end its video stream declares was cut short
+            seg_lo = a.start if a.start is not None else as_fraction(round(info.start, 6))
+            expected = expected_frame_count(info, fps, seg_lo, a.end) if info.duration_of_stream else None
+            if expected is not None and decoded[0] < expected - math.ceil(fps):
+                raise VideoReadError(f"{video}: decoding stopped after {decoded[0]} frames, but the video stream "
+                                     f"says the segment holds {expected} (truncated or corrupt file?)")
             rows = detection_rows(vid, kfs, class_ids)
-            all_rows.extend(rows)
             vis = render_outputs(video, vid, kfs, out, fps, a.every, names, class_ids, a.topk, a.start, a.end,
                                  write_video=not a.no_video, min_short_side=a.vis_short_side)
             n_boxes = sum(len(k["boxes"]) for k in kfs)
             print(f"{vid}: {len(kfs)} keyframes, {n_boxes} boxes, {len(rows)} detection rows; "
                   f"{len(vis['keyframes'])} pictures" + (f", {vis['video']}" if vis["video"] else ""))
-        except (VideoReadError, ValueError, AVAFormatError, OSError) as e:
-            msg = str(e).replace("\n", " ")
+            if detector is None and n_boxes == 0:
+                ts = sorted(table)
+                print(f"warning: {vid}: no box of {a.boxes} falls on a keyframe (keyframes "
+                      f"{float(kfs[0]['time']):g}..{float(kfs[-1]['time']):g} s every {float(a.every):g} s; the "
+                      f"file's timestamps for {vid}: " + (f"{ts[0]}..{ts[-1]}" if ts else "none") + ")",
+                      file=sys.stderr)
+            all_rows.extend(rows)
+            write_rows(out / "detections.csv", all_rows)  # after every video: a later failure loses nothing
+        except Exception as e:  # one line per failed video; the others go on
+            msg = str(e).replace("\n", " ") or type(e).__name__
             failed.append(msg)
             print(f"error: {msg if str(video) in msg else f'{video}: {msg}'}", file=sys.stderr)
-    n = write_rows(out / "detections.csv", all_rows)
-    print(f"wrote {n} rows to {out / 'detections.csv'} ({len(a.video) - len(failed)} videos ok, {len(failed)} "
-          f"failed) in {time.perf_counter() - t0:.1f}s")
+    ok = len(a.video) - len(failed)
+    if ok == 0:
+        print(f"no video succeeded: {out / 'detections.csv'} not written", file=sys.stderr)
+        return 1
+    print(f"wrote {len(all_rows)} rows to {out / 'detections.csv'} ({ok} videos ok, {len(failed)} failed) in "
+          f"{time.perf_counter() - t0:.1f}s")
     return 1 if failed else 0
 
 

@@ -43,7 +43,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Dict[
     """
     p = resolve_config_path(path)
     with open(p) as f:
-        cfg = yaml.safe_load(f) or {}
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: a config must be a YAML mapping, got {type(cfg).__name__}")
     base = cfg.pop("_base_", None)
@@ -61,7 +64,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Dict[
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part} is not a mapping in the config")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {e}") from None
     return cfg
 
 

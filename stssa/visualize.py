@@ -32,10 +32,17 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+#: Longest side an enlarged frame may get (H.264 encoders refuse much larger frames; a 2x200 video
+#: enlarged for a 360-pixel short side would be 360x36000).
+MAX_VIS_SIDE = 4096
+
+
 def vis_scale(height: int, width: int, min_short_side: int = 360) -> int:
     """Integer upscaling factor that makes the short side at least ``min_short_side`` (1 if it already is),
-    so that captions stay legible on small frames."""
-    return max(1, int(np.ceil(min_short_side / max(1, min(height, width)))))
+    so that captions stay legible on small frames, with the long side at most ``MAX_VIS_SIDE``."""
+    want = int(np.ceil(min_short_side / max(1, min(height, width))))
+    cap = MAX_VIS_SIDE // max(1, height, width)
+    return max(1, min(want, cap))
 
 
 def draw_detections(image: np.ndarray, boxes, captions: Sequence[Sequence[str]], colors=None, scale: int = 1,

@@ -192,3 +192,30 @@ def test_demo_pictures_from_an_ablation_run(tiny_run):
     pics = demo_pictures(root / "data", out, results)
     for p in pics.values():
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_folder_that_is_not_a_synthetic_set_is_never_replaced(tmp_path, capsys):
+    """--data pointing at a user's dataset: an error, nothing deleted (it was rmtree'd and regenerated)."""
+    data = tmp_path / "mine"
+    (data / "frames" / "movie1").mkdir(parents=True)
+    (data / "frames" / "movie1" / "movie1_000001.jpg").write_bytes(b"x")
+    assert ablation.main(["--quick", "--out", str(tmp_path / "o"), "--data", str(data)]) == 2
+    assert "not a synthetic set" in capsys.readouterr().err
+    assert (data / "frames" / "movie1" / "movie1_000001.jpg").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("args, match", [(["--rows", "bogus"], "invalid choice: 'bogus'"),
+                                         (["--seeds", "0"], "--seeds must be >= 1"),
+                                         (["--head-set", "scale"], "expected KEY=VALUE")])
+def test_cli_argument_errors(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(["--quick", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"), *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_bad_head_override_fails_before_any_work(tmp_path, capsys):
+    """A misspelt --head-set key is an error before the dataset, the backbone and the feature cache."""
+    assert ablation.main(["--quick", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+                          "--head-set", "bogus=1"]) == 2
+    assert "unknown keys ['bogus']" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

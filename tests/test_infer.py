@@ -22,7 +22,7 @@ from stssa.data.video import probe_video, resampled_frames, write_video
 from stssa.infer import (PersonDetectorUnavailable, TorchvisionPersonDetector, find_detector_weights,
                          infer_video, main as infer_main, read_person_boxes)
 from stssa.visualize import draw_detections, keyframe_figure, plot_per_class_comparison, vis_scale
-from test_video import code_frame, read_code
+from test_video import code_frame, read_code, write_with_pts
 
 
 @pytest.fixture(autouse=True)
@@ -315,3 +315,85 @@ def test_cli_bad_video_is_one_error_line_and_the_others_run(tmp_path, capsys):
     # Neither a config nor a checkpoint: exit 2 with the reason.
     assert infer_main(["--video", str(good), "--boxes", str(boxes), "--out", str(out), "--quiet"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def _infer_setup(tmp_path):
+    from stssa.data.labels import labelmap_pbtxt
+    (tmp_path / "eval.pbtxt").write_text(labelmap_pbtxt("item"))
+    videos = {}
+    for name in ("one", "two"):
+        videos[name] = tmp_path / f"{name}.mp4"
+        write_video(videos[name], (code_frame(i) for i in range(60)), 30, start_time=900)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("".join(f"{n},0901,0.1,0.1,0.6,0.9,,0.95\n" for n in videos))
+    base = ["--config", "demo_tiny", "--boxes", str(boxes), "--labelmap", str(tmp_path / "eval.pbtxt"), "--quiet",
+            "--device", "cpu", "--no-video"]
+    return videos, boxes, base
+
+
+@pytest.mark.filterwarnings("ignore:.*randomly initialised")
+def test_cli_argument_errors_come_before_any_video(tmp_path, capsys):
+    """Errors of the arguments themselves stop the run at once (exit 2) and leave an earlier
+    detections.csv alone; they used to fail every video alike (exit 1) and rewrite it empty."""
+    videos, boxes, base = _infer_setup(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.csv").write_text("earlier,0901,0.1,0.1,0.6,0.9,1,0.5\n")
+    same_stem = tmp_path / "sub"
+    same_stem.mkdir()
+    (same_stem / "one.mp4").write_bytes(videos["one"].read_bytes())
+    for args in (["--video", str(videos["one"]), str(same_stem / "one.mp4")],
+                 ["--video", str(videos["one"]), "--start", "903", "--end", "902"]):
+        with pytest.raises(SystemExit) as e:
+            infer_main(base + ["--out", str(out)] + args)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "name(s) more than one file" in err and "need --start < --end" in err
+    for args, match in ((["--every", "1/7"], "whole number of frames"), (["--start", "900.01"], "frame grid"),
+                        (["--boxes", str(tmp_path / "missing.csv")], "missing.csv")):
+        assert infer_main(base + ["--out", str(out), "--video", str(videos["one"])] + args) == 2
+        assert match in capsys.readouterr().err
+    assert (out / "detections.csv").read_text() == "earlier,0901,0.1,0.1,0.6,0.9,1,0.5\n"
+
+
+@pytest.mark.filterwarnings("ignore:.*randomly initialised")
+def test_cli_an_unexpected_error_in_one_video_loses_nothing_else(tmp_path, capsys, monkeypatch):
+    """Any exception in one video is that video's error line; the others' detections are written."""
+    import stssa.infer as inf
+    videos, boxes, base = _infer_setup(tmp_path)
+    real = inf.render_outputs
+
+    def render(video, video_id, *a, **k):
+        if video_id == "one":
+            raise RuntimeError("encoder exploded")  # e.g. av.error.ExternalError, not an OSError
+        return real(video, video_id, *a, **k)
+    monkeypatch.setattr(inf, "render_outputs", render)
+    out = tmp_path / "out"
+    assert infer_main(base + ["--out", str(out), "--video", str(videos["one"]), str(videos["two"])]) == 1
+    err = [s for s in capsys.readouterr().err.splitlines() if s.startswith("error:")]
+    assert len(err) == 1 and "one.mp4" in err[0] and "encoder exploded" in err[0]
+    rows = (out / "detections.csv").read_text().split()
+    assert rows and all(r.startswith("two,0901,") for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore:.*randomly initialised")
+def test_cli_truncated_video_and_boxes_off_the_keyframes(tmp_path, capsys):
+    """A file cut short is an error (as in stssa.data.frames), not detections on the frames that decoded;
+    boxes whose timestamps miss every keyframe give a warning naming both ranges."""
+    videos, boxes, base = _infer_setup(tmp_path)
+    whole = tmp_path / "whole.mkv"
+    write_with_pts(whole, [900 + Fraction(i, 25) for i in range(250)], gop=25)  # 900 .. 910 s
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    boxes.write_text("cut,0901,0.1,0.1,0.6,0.9,,0.95\none,0700,0.1,0.1,0.6,0.9,,0.95\n")
+    out = tmp_path / "out"
+    assert infer_main(base + ["--out", str(out), "--video", str(cut), str(videos["one"])]) == 1
+    err = capsys.readouterr().err
+    assert "cut.mkv: decoding stopped after" in err and "truncated" in err
+    assert "warning: one: no box of" in err and "for one: 700..700" in err
+
+
+def test_vis_scale_caps_the_long_side():
+    assert vis_scale(48, 64) == 8
+    assert vis_scale(2, 200) == 4096 // 200  # 360 / 2 would make a 360 x 36000 frame, which x264 refuses
+    assert vis_scale(1000, 2000) == 1

@@ -239,3 +239,33 @@ def test_cli(tmp_path):
     assert len(list((tmp_path / "d" / "frames").rglob("*.jpg"))) == 2 * 4 * FPS
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     assert again.returncode != 0 and "overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("args, match", [(["--videos", "1"], "need --videos >= 2"), (["--seconds", "0"], "--seconds >= 1"),
+                                         (["--height", "8"], "--height and --width >= 16"),
+                                         (["--height", "17", "--videos-format", "mp4"], "even --height")])
+def test_cli_argument_errors(tmp_path, capsys, args, match):
+    from stssa.data.synthetic import main
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), "--quiet", *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_cli_existing_set_and_overwrite(tmp_path, capsys):
+    """Writing into an existing set without --overwrite is one error line (exit 2); --overwrite replaces
+    frames, videos and the info file (written last, so an interrupted run leaves none); a file as --out
+    is an error; at least one video stays in train whatever val_fraction."""
+    from stssa.data.synthetic import main
+    out = tmp_path / "o"
+    small = ["--videos", "2", "--seconds", "1", "--height", "16", "--width", "16", "--quiet"]
+    assert main(["--out", str(out), "--videos-format", "mp4", *small]) == 0
+    assert main(["--out", str(out), *small]) == 2
+    assert "not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(["--out", str(out), "--overwrite", *small]) == 0
+    assert not (out / "videos").exists()  # the first set's MP4s went with its frames
+    assert json.loads((out / "synthetic_info.json").read_text())["generator"] == "stssa.data.synthetic"
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file"), *small]) == 2
+    paths = make_dataset(tmp_path / "v", videos=2, seconds=1, height=16, width=16, val_fraction=0.9)
+    info = json.loads(Path(paths["info"]).read_text())
+    assert len(info["videos"]["train"]) == 1 and len(info["videos"]["val"]) == 1

@@ -298,6 +298,17 @@ def test_config_errors_name_the_key(synthetic, tmp_path, change, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("train: {lr: 0.1}\n")
+    with pytest.raises(ValueError, match=r"override 'train.lr=\[1': the value is not valid YAML"):
+        load_config(good, ["train.lr=[1"])
+
+
 def test_cuda_device_without_a_gpu_is_a_clear_error(synthetic, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

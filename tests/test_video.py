@@ -318,3 +318,14 @@ def test_frames_cli_argument_errors(tmp_path, v25, capsys, args, match):
     with pytest.raises(SystemExit) as e:
         frames_main(["--videos", str(v25), "--out", str(tmp_path / "o"), "--start", "0", *args])
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_matroska_duration_tag_of_a_stream_that_starts_late(tmp_path):
+    """ffmpeg's Matroska DURATION tag is the track's end time: a video from 900 s to 902 s says 00:15:02,
+    which is a 2 s duration (read as 902 s, the intact file was refused as truncated)."""
+    path = tmp_path / "late.mkv"
+    write_with_pts(path, [900 + Fraction(i, 30) for i in range(60)])
+    info = probe_video(path)
+    assert info.start == pytest.approx(900.0) and info.duration == pytest.approx(2.0, abs=0.05)
+    res = extract_video(path, tmp_path / "out", fps=30, start=900, end=None)
+    assert res["status"] == "done" and res["frames"] == 60

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import shutil
 import string
@@ -446,16 +447,22 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
     if videos_format and (height % 2 or width % 2):
         raise ValueError(f"make_dataset: MP4 videos need an even height and width, got {height}x{width}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"make_dataset: {out} exists and is not a folder")
     frames_dir, ann = out / "frames", out / "annotations"
-    if frames_dir.exists() and any(frames_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"make_dataset: {frames_dir} is not empty; pass overwrite=True (--overwrite) "
-                                  "to replace it")
-        shutil.rmtree(frames_dir)
+    replacing = frames_dir.exists() and any(frames_dir.iterdir())
+    if replacing and not overwrite:
+        raise FileExistsError(f"make_dataset: {frames_dir} is not empty; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    # the info file goes first and comes back last (atomically): an interrupted run leaves a folder
+    # without one, which nothing mistakes for a complete set
+    (out / "synthetic_info.json").unlink(missing_ok=True)
+    shutil.rmtree(frames_dir, ignore_errors=True)
+    if replacing or videos_format:  # the old set's MP4s go with its frames (stale ones would stay otherwise)
+        shutil.rmtree(out / "videos", ignore_errors=True)
     frames_dir.mkdir(parents=True, exist_ok=True)
     ann.mkdir(parents=True, exist_ok=True)
     if videos_format:
-        shutil.rmtree(out / "videos", ignore_errors=True)  # frames/ was empty or replaced: so are the videos
         (out / "videos").mkdir()
     paths = {
         "root": out, "frames": frames_dir,
@@ -471,7 +478,7 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
     }
     if videos_format:
         paths["videos"] = out / "videos"
-    n_val = max(1, int(round(videos * val_fraction)))
+    n_val = min(videos - 1, max(1, int(round(videos * val_fraction))))  # at least one video each
     ids = _video_ids(seed, videos)
     split_of = {v: ("val" if i >= videos - n_val else "train") for i, v in enumerate(ids)}
     rows = {"train": [], "val": []}
@@ -542,7 +549,9 @@ def make_dataset(out_dir, videos: int = 20, seconds: int = 10, seed: int = 0, he
         "excluded": [f"{v},{t}" for v, t in sorted(excluded)],
         "label_rows": {s: {str(k): v for k, v in sorted(c.items())} for s, c in label_counts.items()},
     }
-    Path(paths["info"]).write_text(json.dumps(info, indent=2) + "\n")
+    tmp = Path(str(paths["info"]) + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, paths["info"])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -560,9 +569,17 @@ def main(argv=None) -> int:
                    help="also write each video as videos/{video_id}.mp4")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.videos < 2 or a.seconds < 1 or a.height < 16 or a.width < 16:
+        p.error("need --videos >= 2 (train and val), --seconds >= 1, --height and --width >= 16")
+    if a.videos_format and (a.height % 2 or a.width % 2):
+        p.error(f"--videos-format mp4 needs an even --height and --width, got {a.height}x{a.width}")
     t0 = time.time()
-    paths = make_dataset(a.out, videos=a.videos, seconds=a.seconds, seed=a.seed, height=a.height, width=a.width,
-                         overwrite=a.overwrite, verbose=not a.quiet, videos_format=a.videos_format)
+    try:
+        paths = make_dataset(a.out, videos=a.videos, seconds=a.seconds, seed=a.seed, height=a.height,
+                             width=a.width, overwrite=a.overwrite, verbose=not a.quiet, videos_format=a.videos_format)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     info = json.loads(Path(paths["info"]).read_text())
     print(f"wrote {a.videos} videos x {a.seconds} keyframes ({info['frames_per_video']} frames each, "
           f"{a.height}x{a.width}) to {a.out} in {time.time() - t0:.1f}s")

@@ -116,7 +116,9 @@ def probe_video(path) -> VideoInfo:
         if stream.duration is not None and stream.time_base is not None:
             duration = float(Fraction(stream.duration) * stream.time_base)
         elif (tagged := _tag_seconds(stream.metadata.get("DURATION"))) is not None:
-            duration = tagged  # Matroska keeps per-track durations as tags (written by ffmpeg, mkvmerge)
+            # Matroska keeps per-track durations as tags; ffmpeg's is the track's end time (00:15:02 for
+            # frames from 900 s to 902 s), so a track that starts later is measured from its start
+            duration = tagged - float(start) if tagged >= float(start) else tagged
         elif container.duration is not None:
             duration, own = container.duration / 1_000_000, False  # AV_TIME_BASE
         else:
