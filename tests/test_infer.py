@@ -91,7 +91,8 @@ def test_end_to_end_video_to_pictures(pipeline, capsys):
     diff = max(abs(ours[k] - theirs[k]) for k in ours)
     print(f"infer vs training-eval scores: max |diff| {diff:.3g}; mAP {res['mAP']:.4f} vs "
           f"{pipeline['train_result']['mAP']:.4f}")
-    assert diff < 0.02, diff  # measured 0.005; the mAP of so few keyframes moves more with such changes
+    # measured 0.018 (the frames differ by a JPEG re-encoding); the mAP of so few keyframes moves more
+    assert diff < 0.03, diff
 
     # Pictures: one per keyframe of each val video, and the annotated videos.
     for v in pipeline["val_videos"]:

@@ -329,3 +329,16 @@ def test_matroska_duration_tag_of_a_stream_that_starts_late(tmp_path):
     assert info.start == pytest.approx(900.0) and info.duration == pytest.approx(2.0, abs=0.05)
     res = extract_video(path, tmp_path / "out", fps=30, start=900, end=None)
     assert res["status"] == "done" and res["frames"] == 60
+
+
+def test_writer_output_is_a_function_of_the_frames(tmp_path):
+    """The same frames give the same file: through PyAV's implicit rgb24 -> yuv420p conversion, x264's
+    output varied between runs (decoded pixels up to 50 apart), so the synthetic MP4s, and models
+    trained on frames extracted from them, did too."""
+    from stssa.data.synthetic import render_video, simulate_video
+    rng = np.random.default_rng([3, 1])
+    frames = [f.copy() for f in render_video(simulate_video(rng, 3, 48, 64), rng, 48, 64)]
+    for k in range(4):
+        write_video(tmp_path / f"v{k}.mp4", frames, 30, start_time=900)
+    data = [(tmp_path / f"v{k}.mp4").read_bytes() for k in range(4)]
+    assert all(d == data[0] for d in data)

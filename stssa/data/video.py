@@ -327,7 +327,10 @@ class VideoWriter:
         elif (a.shape[0], a.shape[1]) != (self._stream.height, self._stream.width):
             raise ValueError(f"VideoWriter.write: {self.path}: frame {self.frames} is {a.shape[1]}x{a.shape[0]}, "
                              f"the video is {self._stream.width}x{self._stream.height}")
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
+        # converted to yuv420p here: handed an rgb24 frame, PyAV's encode() converts it into a buffer whose
+        # bytes x264 output then depended on (the same frames encoded twice gave different files, decoded
+        # pixels up to 50 apart); an explicit reformat makes the file a function of the frames
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24").reformat(format="yuv420p")
         vf.pts = self._next_pts
         self._next_pts += 1
         for packet in self._stream.encode(vf):
