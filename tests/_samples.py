@@ -140,3 +140,20 @@ class StssaOpLog(TorchDispatchMode):
         if func.namespace == "stssa":
             self.ops.append(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts import their ``common`` helpers from their folder)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", bench / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod

@@ -2,7 +2,6 @@
 partial run, and the head benchmark's interleaved CPU workers on a tiny shape."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -12,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from _samples import benchmark_module
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _bench(name: str):
-    """benchmarks/<name>.py as a module."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
 
 
 @pytest.mark.parametrize("script, argv, match", [
@@ -44,7 +33,7 @@ def test_bad_arguments_are_argparse_errors(script, argv, match, capsys):
     """A misspelt mode, axis or shape used to time something else under its name, run nothing and crash
     late, or (repeats 0) be replaced silently."""
     with pytest.raises(SystemExit) as e:
-        _bench(script).main(argv)
+        benchmark_module(script).main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert re.search(match, err), err

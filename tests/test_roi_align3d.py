@@ -634,20 +634,8 @@ def test_cuda_64bit_indexing():
 
 
 def _roi_benchmark():
-    """benchmarks/roi_align3d.py as a module."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("_roi_bench", bench / "roi_align3d.py")
-        B = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(B)
-    finally:
-        sys.path.remove(str(bench))
-    return B
+    from _samples import benchmark_module
+    return benchmark_module("roi_align3d")
 
 
 @pytest.mark.parametrize("argv,says", [
