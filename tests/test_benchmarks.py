@@ -2,6 +2,7 @@
 partial run, and the head benchmark's interleaved CPU workers on a tiny shape."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -39,6 +40,7 @@ def test_bad_arguments_are_argparse_errors(script, argv, match, capsys):
     assert re.search(match, err), err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="the reference variant needs torchvision")
 def test_head_benchmark_interleaved_workers_and_result_name(tmp_path):
     """The CPU head benchmark: three worker processes timed in interleaved rounds; the memory baseline
     is taken with torchvision already imported; a non-default shape writes head_subset_*.json (the file

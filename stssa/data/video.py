@@ -330,7 +330,8 @@ class VideoWriter:
         # converted to yuv420p here: handed an rgb24 frame, PyAV's encode() converts it into a buffer whose
         # bytes x264 output then depended on (the same frames encoded twice gave different files, decoded
         # pixels up to 50 apart); an explicit reformat makes the file a function of the frames
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24").reformat(format="yuv420p")
+        yuv = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24").reformat(format="yuv420p")
+        vf = av.VideoFrame.from_ndarray(yuv.to_ndarray(), format="yuv420p")  # a freshly filled buffer
         vf.pts = self._next_pts
         self._next_pts += 1
         for packet in self._stream.encode(vf):
