@@ -21,7 +21,7 @@ from PIL import Image
 from stssa.data.ava import count_frames, frame_path
 from stssa.data.frames import extract_video, main as frames_main
 from stssa.data.video import (VideoReadError, VideoWriter, output_size, probe_video, resampled_frames,
-                              write_video)
+                              rgb_to_yuv420p, write_video)
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, BITS = 48, 64, 8
@@ -161,6 +161,39 @@ def test_writer_checks_its_input(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="whole number of frames"):
         VideoWriter(tmp_path / "y.mp4", 30, start_time=0.01)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            VideoWriter(tmp_path / "z.mp4", 30, threads=bad)
+    assert not (tmp_path / "z.mp4").exists()
+
+
+@pytest.mark.parametrize("h, w", [(2, 2), (48, 64), (50, 66), (6, 98)])
+def test_rgb_to_yuv420p_is_bt601_limited_range(h, w):
+    """Against the BT.601 studio-swing formulas in float64: the 16-bit fixed-point coefficients are within
+    2**-17 of the exact ones (<= 0.006 over 3 x 255), so every sample is the reference rounded, give or take
+    that much at a half."""
+    rng = np.random.default_rng([h, w])
+    rgb = rng.integers(0, 256, (h, 2 * w, 3), dtype=np.uint8)[:, ::2]  # non-contiguous
+    out = rgb_to_yuv420p(rgb)
+    assert out.shape == (h * 3 // 2, w) and out.dtype == np.uint8
+    x = rgb.astype(np.float64) / 255
+    kr, kb = 0.299, 0.114
+    luma = kr * x[..., 0] + (1 - kr - kb) * x[..., 1] + kb * x[..., 2]
+    m = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    ml = kr * m[..., 0] + (1 - kr - kb) * m[..., 1] + kb * m[..., 2]
+    ref = [16 + 219 * luma, 128 + 224 * (m[..., 2] - ml) / (2 * (1 - kb)), 128 + 224 * (m[..., 0] - ml) / (2 * (1 - kr))]
+    flat = out.reshape(-1).astype(np.float64)
+    got = np.split(flat, [h * w, h * w + h * w // 4])
+    for g, r in zip(got, ref):
+        assert np.abs(g - r.reshape(-1)).max() <= 0.5 + 0.006
+    # what swscale makes of smooth content (its chroma filter differs on noise): within one code value
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)], -1).astype(np.uint8)
+    sws = av.VideoFrame.from_ndarray(smooth, format="rgb24").reformat(format="yuv420p", threads=1).to_ndarray()
+    assert np.abs(rgb_to_yuv420p(smooth).astype(int) - sws)[:h].max() <= 1
+    for bad in (np.zeros((3, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8)):
+        with pytest.raises(ValueError, match="rgb_to_yuv420p"):
+            rgb_to_yuv420p(bad)
 
 
 # ----------------------------------------------------------------------------------------- frames CLI
@@ -332,13 +365,20 @@ def test_matroska_duration_tag_of_a_stream_that_starts_late(tmp_path):
 
 
 def test_writer_output_is_a_function_of_the_frames(tmp_path):
-    """The same frames give the same file: through PyAV's implicit rgb24 -> yuv420p conversion, x264's
-    output varied between runs (decoded pixels up to 50 apart), so the synthetic MP4s, and models
-    trained on frames extracted from them, did too."""
+    """The same frames give the same file (so the synthetic MP4s, and models trained on frames extracted
+    from them, are reproducible). Through swscale (PyAV's rgb24 -> yuv420p reformat) they did not on some
+    machines: decoded pixels up to 50 apart between runs."""
     from stssa.data.synthetic import render_video, simulate_video
     rng = np.random.default_rng([3, 1])
     frames = [f.copy() for f in render_video(simulate_video(rng, 3, 48, 64), rng, 48, 64)]
     for k in range(4):
         write_video(tmp_path / f"v{k}.mp4", frames, 30, start_time=900)
     data = [(tmp_path / f"v{k}.mp4").read_bytes() for k in range(4)]
-    assert all(d == data[0] for d in data)
+    for k, d in enumerate(data[1:], 1):
+        if d != data[0]:  # say where: the x264 header (its settings), or which frames' pixels
+            off = next((i for i, (a, b) in enumerate(zip(d, data[0])) if a != b), min(len(d), len(data[0])))
+            dec = [[f.to_ndarray(format="rgb24").astype(int) for f in av.open(str(tmp_path / f"v{j}.mp4")).decode(video=0)]
+                   for j in (0, k)]
+            diffs = [int(np.abs(a - b).max()) for a, b in zip(*dec)]
+            pytest.fail(f"encode {k} differs from encode 0: {len(d)} vs {len(data[0])} bytes, first at byte {off}; "
+                        f"frames differing: {sum(x > 0 for x in diffs)}/{len(diffs)}, max pixel diff {max(diffs)}")

@@ -34,6 +34,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 __all__ = ["VideoReadError", "VideoInfo", "probe_video", "resampled_frames", "output_size", "VideoWriter",
+           "rgb_to_yuv420p",
            "write_video", "VIDEO_EXTENSIONS", "TIME_TOLERANCE"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts")
@@ -287,9 +288,14 @@ class VideoWriter:
     (``start_time`` is a whole number of frames: the synthetic set's videos start at second 900).
     Width and height must be even (4:2:0 chroma) and equal for every frame. ``crf`` is x264's constant
     quality (0 lossless, 18 visually lossless, 23 x264's default); ``preset`` x264's speed/size trade-off.
+
+    The file is a function of the frames: RGB -> YUV is exact integer arithmetic (:func:`rgb_to_yuv420p`)
+    and the encoder runs ``threads`` threads (default 1; 0 lets the encoder choose, faster on many cores
+    for large frames, but the bytes then rest on x264's own thread determinism).
     """
 
-    def __init__(self, path, fps, start_time=0.0, crf: int = 18, codec: str = "libx264", preset: str = "medium"):
+    def __init__(self, path, fps, start_time=0.0, crf: int = 18, codec: str = "libx264", preset: str = "medium",
+                 threads: int = 1):
         av = _av()
         self.path = Path(path)
         self.fps = as_fraction(fps)
@@ -300,6 +306,9 @@ class VideoWriter:
             raise ValueError(f"VideoWriter: start_time {start_time} is not a whole number of frames at {fps} fps")
         self._next_pts = int(start_frames)
         self.crf, self.codec, self.preset = int(crf), codec, preset
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"VideoWriter: threads must be an int >= 0 (0: the encoder's choice), got {threads!r}")
+        self.threads = threads
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(os.fspath(self.path), "w")
         self._stream = None
@@ -313,6 +322,7 @@ class VideoWriter:
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.time_base = Fraction(1) / self.fps if self.fps.denominator == 1 else Fraction(self.fps.denominator,
                                                                                         self.fps.numerator)
+        s.codec_context.thread_count = self.threads
         if self.codec == "libx264":
             s.options = {"crf": str(self.crf), "preset": self.preset}
         self._stream = s
@@ -327,11 +337,9 @@ class VideoWriter:
         elif (a.shape[0], a.shape[1]) != (self._stream.height, self._stream.width):
             raise ValueError(f"VideoWriter.write: {self.path}: frame {self.frames} is {a.shape[1]}x{a.shape[0]}, "
                              f"the video is {self._stream.width}x{self._stream.height}")
-        # converted to yuv420p here: handed an rgb24 frame, PyAV's encode() converts it into a buffer whose
-        # bytes x264 output then depended on (the same frames encoded twice gave different files, decoded
-        # pixels up to 50 apart); an explicit reformat makes the file a function of the frames
-        yuv = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24").reformat(format="yuv420p")
-        vf = av.VideoFrame.from_ndarray(yuv.to_ndarray(), format="yuv420p")  # a freshly filled buffer
+        # YUV made here, not by swscale (PyAV's implicit or explicit reformat, threaded, SIMD paths chosen
+        # by the CPU): through it the same frames gave different files between runs on some machines
+        vf = av.VideoFrame.from_ndarray(rgb_to_yuv420p(a), format="yuv420p")
         vf.pts = self._next_pts
         self._next_pts += 1
         for packet in self._stream.encode(vf):
@@ -354,6 +362,30 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
+
+
+# BT.601 limited-range ("studio swing") RGB -> YCbCr, the matrix H.264 decoders assume for untagged SD video,
+# as 16-bit fixed point: round(coefficient * 2**16); rows Y, Cb, Cr; columns R, G, B
+_YUV601 = np.array([[16829, 33039, 6416], [-9714, -19070, 28784], [28784, -24103, -4681]], dtype=np.int64)
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """``uint8 [H, W, 3]`` RGB (H, W even) -> ``uint8 [H * 3 // 2, W]`` planar YUV 4:2:0 (Y, then U, then V).
+
+    ``Y = 16 + (0.2568 R + 0.5041 G + 0.0979 B)``, ``Cb = 128 + (-0.1482 R - 0.2910 G + 0.4392 B)``,
+    ``Cr = 128 + (0.4392 R - 0.3678 G - 0.0714 B)`` (BT.601, limited range); chroma from the mean RGB of
+    each 2x2 block. Integer arithmetic, rounded half up, so the result is the same on every machine.
+    """
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or a.shape[0] % 2 or a.shape[1] % 2:
+        raise ValueError(f"rgb_to_yuv420p: rgb must be uint8 [H, W, 3] with H, W even, got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    x = a.astype(np.int64)
+    y = (x @ _YUV601[0] + (16 << 16) + (1 << 15)) >> 16
+    s4 = x.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # 4 x the 2x2 mean
+    uv = (s4 @ _YUV601[1:].T + (128 << 18) + (1 << 17)) >> 18
+    planes = [y, uv[..., 0], uv[..., 1]]  # PyAV's layout: the three planes flat, one after another
+    return np.concatenate([np.clip(p, 0, 255).astype(np.uint8).ravel() for p in planes]).reshape(h * 3 // 2, w)
 
 
 def write_video(path, frames: Iterable[np.ndarray], fps, start_time=0.0, crf: int = 18) -> int:
