@@ -56,6 +56,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from stssa._os import current_umask
+
 __all__ = ["load_model", "read_person_boxes", "TorchvisionPersonDetector", "PersonDetectorUnavailable",
            "find_detector_weights", "infer_video", "render_outputs", "keyframe_times", "main"]
 
@@ -456,9 +458,7 @@ def write_rows(path, rows) -> int:
                 for v, t, x1, y1, x2, y2, a, s in rows:
                     f.write(f"{v},{float(t):.3f},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},{int(a)},{float(s):.6g}\n")
             n = len(rows)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

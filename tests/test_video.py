@@ -382,3 +382,21 @@ def test_writer_output_is_a_function_of_the_frames(tmp_path):
             diffs = [int(np.abs(a - b).max()) for a, b in zip(*dec)]
             pytest.fail(f"encode {k} differs from encode 0: {len(d)} vs {len(data[0])} bytes, first at byte {off}; "
                         f"frames differing: {sum(x > 0 for x in diffs)}/{len(diffs)}, max pixel diff {max(diffs)}")
+
+
+def test_frames_follow_the_umask_of_the_moment(tmp_path, v25, monkeypatch):
+    """JPEGs get 0666 minus the umask when they are written (not when stssa was imported), read without
+    setting the umask (os.umask has no read-only form; another thread's file would get the wrong mode)."""
+    import stssa._os
+    old = os.umask(0o027)
+    try:
+        if sys.platform.startswith("linux"):
+            assert stssa._os.current_umask() == 0o027
+            monkeypatch.setattr(stssa._os.os, "umask", lambda m: pytest.fail("os.umask called"))
+        res = extract_video(v25, tmp_path / "out", fps=30, start=10, end=11)
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert res["status"] == "done"
+    jpgs = sorted((tmp_path / "out").rglob("*.jpg"))
+    assert jpgs and all(p.stat().st_mode & 0o777 == 0o640 for p in jpgs)

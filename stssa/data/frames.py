@@ -36,6 +36,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
+from stssa._os import current_umask
+
 __all__ = ["extract_video", "find_videos", "expected_frame_count", "main"]
 
 MARKER = ".frames.json"
@@ -65,17 +67,13 @@ def expected_frame_count(info, fps, start, end) -> Optional[int]:
     return max(0, math.ceil((stop - start) * fps))
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def _save_jpeg(arr, path: Path, quality: int) -> None:
     from PIL import Image
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format="JPEG", quality=quality)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would outlive the rename
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
