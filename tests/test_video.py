@@ -366,8 +366,8 @@ def test_matroska_duration_tag_of_a_stream_that_starts_late(tmp_path):
 
 def test_writer_output_is_a_function_of_the_frames(tmp_path):
     """The same frames give the same file (so the synthetic MP4s, and models trained on frames extracted
-    from them, are reproducible). Through swscale (PyAV's rgb24 -> yuv420p reformat) they did not on some
-    machines: decoded pixels up to 50 apart between runs."""
+    from them, are reproducible). With PyAV's swscale conversion in the path they were not: here through the
+    implicit one (decoded pixels up to 50 apart between runs), on the CI machine through the explicit one."""
     from stssa.data.synthetic import render_video, simulate_video
     rng = np.random.default_rng([3, 1])
     frames = [f.copy() for f in render_video(simulate_video(rng, 3, 48, 64), rng, 48, 64)]
