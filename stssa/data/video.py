@@ -366,7 +366,7 @@ class VideoWriter:
 
 # BT.601 limited-range ("studio swing") RGB -> YCbCr, the matrix H.264 decoders assume for untagged SD video,
 # as 16-bit fixed point: round(coefficient * 2**16); rows Y, Cb, Cr; columns R, G, B
-_YUV601 = np.array([[16829, 33039, 6416], [-9714, -19070, 28784], [28784, -24103, -4681]], dtype=np.int64)
+_YUV601 = np.array([[16829, 33039, 6416], [-9714, -19070, 28784], [28784, -24103, -4681]], dtype=np.int32)
 
 
 def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
@@ -380,11 +380,13 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or a.shape[0] % 2 or a.shape[1] % 2:
         raise ValueError(f"rgb_to_yuv420p: rgb must be uint8 [H, W, 3] with H, W even, got {a.dtype} {a.shape}")
     h, w = a.shape[:2]
-    x = a.astype(np.int64)
-    y = (x @ _YUV601[0] + (16 << 16) + (1 << 15)) >> 16
-    s4 = x.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # 4 x the 2x2 mean
-    uv = (s4 @ _YUV601[1:].T + (128 << 18) + (1 << 17)) >> 18
-    planes = [y, uv[..., 0], uv[..., 1]]  # PyAV's layout: the three planes flat, one after another
+    # int32 is wide enough (|sums| < 2**27) and, unlike an integer matmul, vectorised by numpy
+    r, g, b = (a[..., c].astype(np.int32) for c in range(3))
+    s4 = [x.reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3), dtype=np.int32) for x in (r, g, b)]  # 4 x 2x2 mean
+    c = _YUV601
+    y = (c[0, 0] * r + c[0, 1] * g + c[0, 2] * b + ((16 << 16) + (1 << 15))) >> 16
+    u, v = ((c[i, 0] * s4[0] + c[i, 1] * s4[1] + c[i, 2] * s4[2] + ((128 << 18) + (1 << 17))) >> 18 for i in (1, 2))
+    planes = [y, u, v]  # PyAV's layout: the three planes flat, one after another
     return np.concatenate([np.clip(p, 0, 255).astype(np.uint8).ravel() for p in planes]).reshape(h * 3 // 2, w)
 
 
